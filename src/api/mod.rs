@@ -1,0 +1,380 @@
+//! The `ImageBuild` resource: spec, status and the CRD generated from them.
+//!
+//! These types are the source of truth for `crds/`; `tests/crd.rs` fails when the
+//! committed YAML drifts from what `kiln crd` prints.
+
+pub mod duration;
+mod status;
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+pub use status::*;
+
+pub const GROUP: &str = "kiln.dev";
+pub const FINALIZER: &str = "kiln.dev/cleanup";
+pub const BUILD_UID_TAG: &str = "kiln.dev/build-uid";
+
+/// A machine image build: launch a build machine from a source image, provision it
+/// over SSH, capture an image, and remove every temporary resource kiln created.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "ImageBuild",
+    namespaced,
+    shortname = "ib",
+    category = "kiln",
+    status = "ImageBuildStatus",
+    doc = "A machine image build, run as durable recorded steps.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Step", type_ = "string", json_path = ".status.currentStep"),
+    printcolumn(
+        name = "Artifact",
+        type_ = "string",
+        json_path = ".status.artifacts[-1:].imageId"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.builder.__null__) || has(self.communicator.ssh.host)"
+).message("communicator.ssh.host is required with the null builder"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.builder.__null__) || has(self.communicator.ssh.privateKeySecretRef)"
+).message("communicator.ssh.privateKeySecretRef is required with the null builder"))]
+pub struct ImageBuildSpec {
+    /// Where the build machine comes from and what is captured at the end.
+    pub builder: Builder,
+    /// How kiln reaches the build machine.
+    pub communicator: Communicator,
+    /// What runs on the build machine, in order. Each one is a recorded step.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub provisioners: Vec<Provisioner>,
+    /// What happens to temporary resources when a step fails.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// What happens to the captured images when the ImageBuild is deleted.
+    #[serde(default)]
+    pub artifact_policy: ArtifactPolicy,
+}
+
+/// Exactly one builder must be set.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.__null__) ? 1 : 0) + (has(self.amazonEBS) ? 1 : 0) == 1"
+).message("exactly one builder must be set: null or amazonEBS"))]
+pub struct Builder {
+    /// Launch nothing: provision an existing host given by `communicator.ssh.host`.
+    #[serde(rename = "null", default, skip_serializing_if = "Option::is_none")]
+    pub null: Option<NullBuilder>,
+    /// Launch an EC2 instance, provision it, and capture an AMI.
+    #[serde(rename = "amazonEBS", default, skip_serializing_if = "Option::is_none")]
+    pub amazon_ebs: Option<AmazonEbsBuilder>,
+}
+
+impl Builder {
+    /// Stable name used in status, events, metrics and `KILN_BUILDER`.
+    pub fn kind(&self) -> &'static str {
+        match (&self.null, &self.amazon_ebs) {
+            (Some(_), _) => "null",
+            (_, Some(_)) => "amazon-ebs",
+            _ => "none",
+        }
+    }
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct NullBuilder {}
+
+/// Packer's amazon-ebs builder. Resources given here are used as they are and never
+/// deleted; everything else kiln creates is temporary and removed after the build.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.sourceAMI) ? 1 : 0) + (has(self.sourceAMIFilter) ? 1 : 0) == 1"
+).message("exactly one of sourceAMI or sourceAMIFilter must be set"))]
+pub struct AmazonEbsBuilder {
+    #[schemars(length(min = 1))]
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<AwsCredentials>,
+    /// Override of the EC2 endpoint (private endpoints, test servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub endpoint: Option<String>,
+    #[serde(rename = "sourceAMI", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^ami-[0-9a-f]+$"))]
+    pub source_ami: Option<String>,
+    #[serde(
+        rename = "sourceAMIFilter",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub source_ami_filter: Option<SourceAmiFilter>,
+    #[schemars(length(min = 1))]
+    pub instance_type: String,
+    /// Name of the image; `{{ build.timestamp }}` and `{{ build.name }}` are expanded.
+    #[serde(rename = "amiName")]
+    #[schemars(length(min = 3, max = 128))]
+    pub ami_name: String,
+    #[serde(rename = "amiRegions", default, skip_serializing_if = "Vec::is_empty")]
+    pub ami_regions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_pair_name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub run_tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshot_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub encrypt_boot: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
+    #[serde(default)]
+    pub force_deregister: bool,
+    #[serde(default)]
+    pub force_delete_snapshot: bool,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsCredentials {
+    /// Secret with `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and optionally `AWS_SESSION_TOKEN`.
+    pub secret_ref: LocalObjectRef,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceAmiFilter {
+    #[serde(default)]
+    pub filters: BTreeMap<String, String>,
+    #[serde(default)]
+    pub owners: Vec<String>,
+    #[serde(default)]
+    pub most_recent: bool,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct LocalObjectRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A key of a Secret or ConfigMap in the ImageBuild's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct KeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A Secret key whose key has a conventional default.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct SecretKeyRefDefaulted {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+pub struct Communicator {
+    pub ssh: SshCommunicator,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SshCommunicator {
+    #[schemars(length(min = 1, max = 64))]
+    pub username: String,
+    /// Address of the machine. Required for the null builder; for cloud builders it
+    /// overrides the address the builder finds (bastions, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub host: Option<String>,
+    #[serde(default = "default_ssh_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Secret holding the private key; key defaults to `ssh-privatekey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_secret_ref: Option<SecretKeyRefDefaulted>,
+    /// How the machine's host key is checked. There is no default that accepts any key.
+    pub host_key: HostKeyPolicy,
+    /// How long to keep trying to connect, e.g. `5m`.
+    #[serde(default = "default_ssh_timeout")]
+    #[x_kube(validation = duration::rule())]
+    #[schemars(length(max = 32))]
+    pub timeout: String,
+    /// Interval of SSH keepalives during long commands, e.g. `15s`.
+    #[serde(default = "default_keepalive")]
+    #[x_kube(validation = duration::rule())]
+    #[schemars(length(max = 32))]
+    pub keepalive_interval: String,
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_ssh_timeout() -> String {
+    "5m".into()
+}
+fn default_keepalive() -> String {
+    "15s".into()
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.knownHostsSecretRef) ? 1 : 0) + ((has(self.insecureIgnore) && self.insecureIgnore) ? 1 : 0) == 1"
+).message("set exactly one of knownHostsSecretRef or insecureIgnore: true"))]
+pub struct HostKeyPolicy {
+    /// Secret holding an OpenSSH known_hosts file; key defaults to `known_hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts_secret_ref: Option<SecretKeyRefDefaulted>,
+    /// Accept any host key. Must be stated explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_ignore: Option<bool>,
+}
+
+/// Exactly one of `shell` or `file`.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.shell) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1"
+).message("each provisioner must set exactly one of shell or file"))]
+pub struct Provisioner {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<ShellProvisioner>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileProvisioner>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.inline) ? 1 : 0) + (has(self.scriptFrom) ? 1 : 0) == 1"
+).message("set exactly one of inline or scriptFrom"))]
+pub struct ShellProvisioner {
+    /// Commands run by `/bin/sh -e`, one script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1000))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(c, size(c) > 0)")
+        .message("commands must not be empty"))]
+    pub inline: Option<Vec<String>>,
+    /// A script from a ConfigMap key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_from: Option<ScriptSource>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub env: Vec<EnvVar>,
+    /// Limit on the whole script, e.g. `10m`.
+    #[serde(default = "default_shell_timeout")]
+    #[x_kube(validation = duration::rule())]
+    #[schemars(length(max = 32))]
+    pub timeout: String,
+    /// The script reboots or otherwise drops the connection (e.g. `reboot`): a
+    /// disconnect counts as success, and kiln waits until it can reconnect.
+    #[serde(default)]
+    pub expect_disconnect: bool,
+}
+
+fn default_shell_timeout() -> String {
+    "30m".into()
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScriptSource {
+    pub config_map_key_ref: KeyRef,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.value) ? 1 : 0) + (has(self.valueFrom) ? 1 : 0) == 1"
+).message("set exactly one of value or valueFrom"))]
+pub struct EnvVar {
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"), length(max = 128))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// A value from a Secret key; never logged or shown in status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVarSource {
+    pub secret_key_ref: KeyRef,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FileProvisioner {
+    /// Absolute path on the build machine.
+    #[schemars(regex(pattern = r"^/"), length(min = 2, max = 4096))]
+    pub destination: String,
+    pub from: FileSource,
+    /// Octal permission bits, e.g. `"0644"`.
+    #[serde(default = "default_file_mode")]
+    #[schemars(regex(pattern = r"^0?[0-7]{3}$"))]
+    pub mode: String,
+}
+
+fn default_file_mode() -> String {
+    "0644".into()
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.configMapKeyRef) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) == 1"
+).message("set exactly one of configMapKeyRef or secretKeyRef"))]
+pub struct FileSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+}
+
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum OnError {
+    /// Remove temporary resources as soon as a step fails.
+    #[default]
+    #[serde(rename = "cleanup")]
+    Cleanup,
+    /// Leave them for debugging until the ImageBuild is deleted.
+    #[serde(rename = "keep")]
+    Keep,
+}
+
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum ArtifactPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// The CRD as YAML, as `kiln crd` prints it and `crds/` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&ImageBuild::crd())
+}

@@ -1,0 +1,159 @@
+//! Status of an ImageBuild: the only state kiln keeps. Everything a restarted
+//! operator needs to finish or clean up a build is here.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageBuildStatus {
+    /// The generation whose build `steps` describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BuildPhase>,
+    /// Name of the step running now (or being cleaned up), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<String>,
+    /// Human-readable summary of where the build stands or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepRecord>,
+    /// Images captured by this and earlier generations (bounded history).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum BuildPhase {
+    Pending,
+    Running,
+    CleaningUp,
+    Succeeded,
+    Failed,
+}
+
+impl BuildPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildPhase::Pending => "Pending",
+            BuildPhase::Running => "Running",
+            BuildPhase::CleaningUp => "CleaningUp",
+            BuildPhase::Succeeded => "Succeeded",
+            BuildPhase::Failed => "Failed",
+        }
+    }
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub name: String,
+    pub phase: StepPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// How many times `run` was started; more than one means the operator resumed it.
+    #[serde(default)]
+    pub attempts: u32,
+    /// External resources this step touched. `created: false` ones are never deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceRecord>,
+    /// Non-secret facts later steps use (addresses, IDs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, String>,
+    pub cleanup: CleanupPhase,
+    /// How many times `cleanup` was started; retries back off by this count.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cleanup_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Why the last cleanup attempt failed, while it is being retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_message: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl StepRecord {
+    pub fn pending(name: impl Into<String>) -> Self {
+        StepRecord {
+            name: name.into(),
+            phase: StepPhase::Pending,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            resources: Vec::new(),
+            outputs: BTreeMap::new(),
+            cleanup: CleanupPhase::Pending,
+            cleanup_attempts: 0,
+            message: None,
+            cleanup_message: None,
+        }
+    }
+
+    /// A step that never started has nothing to clean up.
+    pub fn started(&self) -> bool {
+        self.phase != StepPhase::Pending
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum StepPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum CleanupPhase {
+    Pending,
+    Done,
+    NotNeeded,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRecord {
+    /// e.g. KeyPair, SecurityGroup, Instance, Image, Snapshot, Secret.
+    pub kind: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// True only when kiln made it; only those are ever deleted.
+    pub created: bool,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// The generation that produced it.
+    pub generation: i64,
+    pub builder: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_image_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Time>,
+}

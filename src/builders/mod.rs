@@ -1,0 +1,56 @@
+//! Builders turn a spec into the ordered steps of a build.
+
+pub mod null;
+
+use std::sync::Arc;
+
+use crate::api::{ImageBuildSpec, Provisioner};
+use crate::engine::Plan;
+use crate::provisioners::file::FileStep;
+use crate::provisioners::shell::ShellStep;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("spec.builder: exactly one builder must be set: null or amazonEBS")]
+    NoBuilder,
+    #[error(
+        "spec.builder.amazonEBS: the amazon-ebs builder is not available in this version of kiln yet"
+    )]
+    Unsupported,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
+    match (&spec.builder.null, &spec.builder.amazon_ebs) {
+        (Some(_), None) => null::plan(spec),
+        (None, Some(_)) => Err(PlanError::Unsupported),
+        _ => Err(PlanError::NoBuilder),
+    }
+}
+
+/// Provisioner steps, named `shell-1`, `file-2`, … by position so names stay unique
+/// and stable for a generation.
+pub fn provisioner_steps(provisioners: &[Provisioner]) -> Result<Plan, PlanError> {
+    let mut steps: Plan = Vec::with_capacity(provisioners.len());
+    for (i, p) in provisioners.iter().enumerate() {
+        match (&p.shell, &p.file) {
+            (Some(shell), None) => steps.push(Arc::new(ShellStep {
+                name: format!("shell-{}", i + 1),
+                index: i,
+                spec: shell.clone(),
+            })),
+            (None, Some(file)) => steps.push(Arc::new(FileStep {
+                name: format!("file-{}", i + 1),
+                index: i,
+                spec: file.clone(),
+            })),
+            _ => {
+                return Err(PlanError::Invalid(format!(
+                    "spec.provisioners[{i}]: set exactly one of shell or file"
+                )));
+            }
+        }
+    }
+    Ok(steps)
+}

@@ -1,0 +1,78 @@
+//! Writes to the ImageBuild: status by server-side apply, finalizer by JSON patch
+//! guarded with `test` so a concurrent change is never overwritten.
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::{MANAGER, apply_params};
+use crate::api::{FINALIZER, ImageBuild, ImageBuildStatus};
+
+/// The apply body; `resourceVersion` makes it conditional on the status we read.
+pub fn status_patch(obj: &ImageBuild, status: &ImageBuildStatus) -> serde_json::Value {
+    json!({
+        "apiVersion": ImageBuild::api_version(&()),
+        "kind": ImageBuild::kind(&()),
+        "metadata": {
+            "name": obj.name_any(),
+            "resourceVersion": obj.resource_version(),
+        },
+        "status": status,
+    })
+}
+
+pub async fn apply(
+    api: &Api<ImageBuild>,
+    obj: &ImageBuild,
+    status: &ImageBuildStatus,
+) -> Result<ImageBuild, kube::Error> {
+    let patch = status_patch(obj, status);
+    api.patch_status(&obj.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await
+}
+
+pub async fn add_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result<(), kube::Error> {
+    let patch = if obj.finalizers().is_empty() {
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    };
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    api.patch(&obj.name_any(), &patch_params(), &Patch::Json::<()>(patch))
+        .await?;
+    Ok(())
+}
+
+pub async fn remove_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result<(), kube::Error> {
+    let Some(i) = obj.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let patch = json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+    ]);
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    match api
+        .patch(&obj.name_any(), &patch_params(), &Patch::Json::<()>(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,568 @@
+//! The build state machine as a pure function of status, so every transition is
+//! unit-tested without an apiserver and every decision can be written before it is
+//! acted on.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use super::{StepError, StepOutput};
+use crate::api::{
+    Artifact, BuildPhase, CleanupPhase, ImageBuildStatus, OnError, ResourceRecord, StepPhase,
+    StepRecord,
+};
+
+/// Bound on `status.artifacts` so status stays small across many generations.
+pub const ARTIFACT_HISTORY: usize = 10;
+const MESSAGE_LIMIT: usize = 2048;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    Run,
+    Cleanup,
+}
+
+/// Identifies one background task; a result is only taken into status if it still
+/// matches what status says is happening.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskKey {
+    pub generation: i64,
+    pub kind: TaskKind,
+    pub index: usize,
+    pub attempt: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskResult {
+    Run(Result<StepOutput, StepError>),
+    Cleanup(Result<(), StepError>),
+}
+
+/// What the runner knows about the build's task, if any.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskState {
+    None,
+    Running { key: TaskKey, cancelling: bool },
+    Finished { key: TaskKey, result: TaskResult },
+}
+
+/// The object as the engine sees it.
+pub struct Input<'a> {
+    pub status: &'a ImageBuildStatus,
+    pub generation: i64,
+    pub deleting: bool,
+    pub on_error: OnError,
+    pub builder: &'a str,
+    /// Step names of the plan for the current spec, or why there is none.
+    pub plan: Result<Vec<String>, String>,
+    /// Which steps have anything to clean up, by index (from the plan's steps).
+    pub needs_cleanup: &'a dyn Fn(usize, &StepRecord) -> bool,
+    pub task: &'a TaskState,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Spawn(TaskKey),
+    Cancel,
+    /// Drop the runner's finished task once its result is written.
+    Forget,
+    RemoveFinalizer,
+    Event {
+        warning: bool,
+        reason: &'static str,
+        note: String,
+    },
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Decision {
+    pub status: ImageBuildStatus,
+    pub actions: Vec<Action>,
+}
+
+pub fn advance(input: &Input<'_>) -> Decision {
+    let mut d = Decision {
+        status: input.status.clone(),
+        actions: Vec::new(),
+    };
+    let s = &mut d.status;
+    let now = Time(input.now);
+
+    match input.task {
+        TaskState::Running { cancelling, .. } => {
+            let superseded = s.observed_generation.is_some_and(|g| g != input.generation);
+            if (input.deleting || superseded) && !cancelling {
+                if let TaskState::Running {
+                    key:
+                        TaskKey {
+                            kind: TaskKind::Run,
+                            ..
+                        },
+                    ..
+                } = input.task
+                {
+                    d.actions.push(Action::Cancel);
+                }
+            }
+            finish(&mut d, input);
+            return d;
+        }
+        TaskState::Finished { key, result } => {
+            take_result(&mut d, input, key, result, &now);
+            d.actions.push(Action::Forget);
+        }
+        TaskState::None => {}
+    }
+
+    // Bounded: each pass either acts or moves a step or the phase strictly forward.
+    let passes = input.status.steps.len() * 2 + input.plan.as_ref().map_or(0, Vec::len) * 2 + 8;
+    for _ in 0..passes {
+        if !step(&mut d, input, &now) {
+            break;
+        }
+    }
+    finish(&mut d, input);
+    d
+}
+
+/// One transition; returns true when another pass may make progress.
+fn step(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
+    let s = &mut d.status;
+    let superseded = s.observed_generation.is_some_and(|g| g != input.generation);
+
+    if input.deleting {
+        abandon_running(s, "cancelled: the ImageBuild is being deleted", now);
+        return match next_cleanup(s) {
+            Some(i) => start_cleanup(d, input, i),
+            None => {
+                d.actions.push(Action::RemoveFinalizer);
+                false
+            }
+        };
+    }
+
+    match s.phase {
+        None => {
+            start_build(d, input, now);
+            true
+        }
+        Some(BuildPhase::Succeeded | BuildPhase::Failed)
+            if superseded || s.observed_generation.is_none() =>
+        {
+            if next_cleanup(s).is_some() {
+                // onError: keep left resources; they go before the next build starts.
+                s.phase = Some(BuildPhase::CleaningUp);
+                return true;
+            }
+            start_build(d, input, now);
+            true
+        }
+        Some(BuildPhase::Succeeded | BuildPhase::Failed) => false,
+        Some(BuildPhase::Pending | BuildPhase::Running) if superseded => {
+            let msg = format!("cancelled: superseded by generation {}", input.generation);
+            abandon_running(s, &msg, now);
+            s.phase = Some(BuildPhase::CleaningUp);
+            true
+        }
+        Some(BuildPhase::Pending | BuildPhase::Running) => run_next(d, input, now),
+        Some(BuildPhase::CleaningUp) => match next_cleanup(s) {
+            Some(i) => start_cleanup(d, input, i),
+            None => {
+                complete(d, input, now);
+                superseded
+            }
+        },
+    }
+}
+
+fn start_build(d: &mut Decision, input: &Input<'_>, now: &Time) {
+    let s = &mut d.status;
+    s.observed_generation = Some(input.generation);
+    s.started_at = Some(now.clone());
+    s.completed_at = None;
+    s.current_step = None;
+    match &input.plan {
+        Ok(names) => {
+            s.steps = names.iter().map(StepRecord::pending).collect();
+            s.phase = Some(BuildPhase::Running);
+            s.message = Some(format!("building generation {}", input.generation));
+            d.actions.push(Action::Event {
+                warning: false,
+                reason: "BuildStarted",
+                note: format!(
+                    "building generation {} with the {} builder: {} steps",
+                    input.generation,
+                    input.builder,
+                    names.len()
+                ),
+            });
+        }
+        Err(why) => {
+            s.steps = Vec::new();
+            s.phase = Some(BuildPhase::Failed);
+            s.completed_at = Some(now.clone());
+            s.message = Some(truncate(why));
+            d.actions.push(Action::Event {
+                warning: true,
+                reason: "InvalidSpec",
+                note: truncate(why),
+            });
+        }
+    }
+}
+
+fn run_next(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
+    let s = &mut d.status;
+    let Some(i) = s.steps.iter().position(|r| r.phase != StepPhase::Succeeded) else {
+        s.phase = Some(BuildPhase::CleaningUp);
+        return true;
+    };
+    let generation = input.generation;
+    let rec = &mut s.steps[i];
+    match rec.phase {
+        StepPhase::Failed | StepPhase::Cancelled => {
+            let why = format!(
+                "step {} failed: {}",
+                rec.name,
+                rec.message.clone().unwrap_or_default()
+            );
+            s.message = Some(truncate(&why));
+            if input.on_error == OnError::Keep {
+                s.phase = Some(BuildPhase::Failed);
+                s.completed_at = Some(now.clone());
+                s.current_step = None;
+                d.actions.push(Action::Event {
+                    warning: true,
+                    reason: "BuildFailed",
+                    note: format!(
+                        "{why}; resources kept (onError: keep) until the ImageBuild is deleted"
+                    ),
+                });
+                false
+            } else {
+                s.phase = Some(BuildPhase::CleaningUp);
+                true
+            }
+        }
+        StepPhase::Pending | StepPhase::Running => {
+            let resumed = rec.phase == StepPhase::Running;
+            rec.phase = StepPhase::Running;
+            rec.attempts += 1;
+            if !resumed {
+                rec.started_at = Some(now.clone());
+            }
+            rec.finished_at = None;
+            let attempt = rec.attempts;
+            let name = rec.name.clone();
+            s.phase = Some(BuildPhase::Running);
+            s.current_step = Some(name.clone());
+            d.actions.push(Action::Spawn(TaskKey {
+                generation,
+                kind: TaskKind::Run,
+                index: i,
+                attempt,
+            }));
+            d.actions.push(Action::Event {
+                warning: false,
+                reason: if resumed {
+                    "StepResumed"
+                } else {
+                    "StepStarted"
+                },
+                note: if resumed {
+                    format!("step {name} resumed (attempt {attempt}) after the operator restarted")
+                } else {
+                    format!("step {name} started")
+                },
+            });
+            false
+        }
+        StepPhase::Succeeded => false,
+    }
+}
+
+/// Returns true when nothing had to run, so the caller can look further back.
+fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
+    let s = &mut d.status;
+    s.phase = Some(BuildPhase::CleaningUp);
+    let generation = s.observed_generation.unwrap_or(input.generation);
+    let rec = &mut s.steps[i];
+    if !(input.needs_cleanup)(i, rec) {
+        rec.cleanup = CleanupPhase::NotNeeded;
+        return true;
+    }
+    rec.cleanup_attempts += 1;
+    let name = rec.name.clone();
+    let attempt = rec.cleanup_attempts;
+    s.current_step = Some(name.clone());
+    d.actions.push(Action::Spawn(TaskKey {
+        generation,
+        kind: TaskKind::Cleanup,
+        index: i,
+        attempt,
+    }));
+    if attempt == 1 {
+        d.actions.push(Action::Event {
+            warning: false,
+            reason: "CleanupStarted",
+            note: format!("cleaning up step {name}"),
+        });
+    }
+    false
+}
+
+fn complete(d: &mut Decision, input: &Input<'_>, now: &Time) {
+    let s = &mut d.status;
+    let failed = s
+        .steps
+        .iter()
+        .find(|r| matches!(r.phase, StepPhase::Failed | StepPhase::Cancelled));
+    s.current_step = None;
+    s.completed_at = Some(now.clone());
+    match failed {
+        Some(r) => {
+            let why = format!(
+                "step {} failed: {}",
+                r.name,
+                r.message.clone().unwrap_or_default()
+            );
+            s.phase = Some(BuildPhase::Failed);
+            s.message = Some(truncate(&format!("{why}; temporary resources cleaned up")));
+            d.actions.push(Action::Event {
+                warning: true,
+                reason: "BuildFailed",
+                note: truncate(&format!("{why}; cleanup done")),
+            });
+        }
+        None => {
+            s.phase = Some(BuildPhase::Succeeded);
+            s.message = Some(format!("generation {} built", input.generation));
+            d.actions.push(Action::Event {
+                warning: false,
+                reason: "BuildSucceeded",
+                note: format!("generation {} built; cleanup done", input.generation),
+            });
+        }
+    }
+}
+
+fn take_result(
+    d: &mut Decision,
+    input: &Input<'_>,
+    key: &TaskKey,
+    result: &TaskResult,
+    now: &Time,
+) {
+    let s = &mut d.status;
+    if s.observed_generation != Some(key.generation) {
+        return;
+    }
+    let Some(rec) = s.steps.get_mut(key.index) else {
+        return;
+    };
+    match (key.kind, result) {
+        (TaskKind::Run, TaskResult::Run(result)) => {
+            if rec.phase != StepPhase::Running || rec.attempts != key.attempt {
+                return;
+            }
+            rec.finished_at = Some(now.clone());
+            match result {
+                Ok(out) => {
+                    rec.phase = StepPhase::Succeeded;
+                    merge_resources(&mut rec.resources, &out.resources);
+                    rec.outputs.extend(out.outputs.clone());
+                    rec.message = out.message.as_deref().map(truncate);
+                    let name = rec.name.clone();
+                    for a in &out.artifacts {
+                        s.artifacts.push(a.clone());
+                    }
+                    trim_artifacts(&mut s.artifacts);
+                    d.actions.push(Action::Event {
+                        warning: false,
+                        reason: "StepSucceeded",
+                        note: format!("step {name} succeeded"),
+                    });
+                }
+                Err(StepError::Cancelled) => {
+                    rec.phase = StepPhase::Cancelled;
+                    rec.message = Some(if input.deleting {
+                        "cancelled: the ImageBuild is being deleted".into()
+                    } else {
+                        format!("cancelled: superseded by generation {}", input.generation)
+                    });
+                }
+                Err(e) => {
+                    rec.phase = StepPhase::Failed;
+                    rec.message = Some(truncate(&e.to_string()));
+                    d.actions.push(Action::Event {
+                        warning: true,
+                        reason: "StepFailed",
+                        note: truncate(&format!("step {} failed: {e}", rec.name)),
+                    });
+                }
+            }
+        }
+        (TaskKind::Cleanup, TaskResult::Cleanup(result)) => {
+            if rec.cleanup != CleanupPhase::Pending || rec.cleanup_attempts != key.attempt {
+                return;
+            }
+            match result {
+                Ok(()) => {
+                    rec.cleanup = CleanupPhase::Done;
+                    rec.cleanup_message = None;
+                    d.actions.push(Action::Event {
+                        warning: false,
+                        reason: "CleanupSucceeded",
+                        note: format!("cleaned up step {}", rec.name),
+                    });
+                }
+                Err(e) => {
+                    let note = format!(
+                        "cleanup attempt {} of step {} failed, will retry: {e}",
+                        key.attempt, rec.name
+                    );
+                    rec.cleanup_message = Some(truncate(&format!(
+                        "cleanup attempt {} failed, will retry: {e}",
+                        key.attempt
+                    )));
+                    d.actions.push(Action::Event {
+                        warning: true,
+                        reason: "CleanupFailed",
+                        note: truncate(&note),
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Last started step whose cleanup is still owed: cleanup walks backwards.
+fn next_cleanup(s: &ImageBuildStatus) -> Option<usize> {
+    s.steps
+        .iter()
+        .rposition(|r| r.started() && r.cleanup == CleanupPhase::Pending)
+}
+
+/// A step recorded as running whose task is gone (deleted or superseded build).
+fn abandon_running(s: &mut ImageBuildStatus, why: &str, now: &Time) {
+    for rec in &mut s.steps {
+        if rec.phase == StepPhase::Running {
+            rec.phase = StepPhase::Cancelled;
+            rec.finished_at = Some(now.clone());
+            rec.message = Some(why.to_string());
+        }
+    }
+}
+
+fn merge_resources(into: &mut Vec<ResourceRecord>, new: &[ResourceRecord]) {
+    for r in new {
+        if !into
+            .iter()
+            .any(|e| e.kind == r.kind && e.id == r.id && e.region == r.region)
+        {
+            into.push(r.clone());
+        }
+    }
+}
+
+fn trim_artifacts(a: &mut Vec<Artifact>) {
+    if a.len() > ARTIFACT_HISTORY {
+        let excess = a.len() - ARTIFACT_HISTORY;
+        a.drain(..excess);
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= MESSAGE_LIMIT {
+        return s.to_string();
+    }
+    let mut end = MESSAGE_LIMIT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Conditions follow from phase and generation; computed last so they always agree.
+fn finish(d: &mut Decision, input: &Input<'_>) {
+    let s = &mut d.status;
+    let current = s.observed_generation == Some(input.generation);
+    let phase = s.phase;
+    let msg = s.message.clone().unwrap_or_default();
+    let (ready, ready_reason) = match phase {
+        Some(BuildPhase::Succeeded) if current => (true, "Succeeded"),
+        Some(BuildPhase::Failed) if current => (false, "Failed"),
+        Some(p) => (false, p.as_str()),
+        None => (false, "Pending"),
+    };
+    let reconciling = !input.deleting
+        && (!current
+            || matches!(
+                phase,
+                None | Some(BuildPhase::Pending | BuildPhase::Running | BuildPhase::CleaningUp)
+            ));
+    let stalled = current && phase == Some(BuildPhase::Failed) && !input.deleting;
+    let reconciling_reason = if !current {
+        "Superseded"
+    } else {
+        phase.map_or("Pending", BuildPhase::as_str)
+    };
+    let ready_msg = if ready {
+        msg.clone()
+    } else if current && phase == Some(BuildPhase::Failed) {
+        msg.clone()
+    } else {
+        format!("building generation {}", input.generation)
+    };
+    set_condition(s, "Ready", ready, ready_reason, &ready_msg, input);
+    set_condition(
+        s,
+        "Reconciling",
+        reconciling,
+        reconciling_reason,
+        if reconciling { &msg } else { "" },
+        input,
+    );
+    set_condition(
+        s,
+        "Stalled",
+        stalled,
+        if stalled { "BuildFailed" } else { "NotStalled" },
+        if stalled { &msg } else { "" },
+        input,
+    );
+}
+
+fn set_condition(
+    s: &mut ImageBuildStatus,
+    type_: &str,
+    value: bool,
+    reason: &str,
+    message: &str,
+    input: &Input<'_>,
+) {
+    let status = if value { "True" } else { "False" };
+    let message = truncate(message);
+    if let Some(c) = s.conditions.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != status {
+            c.last_transition_time = Time(input.now);
+        }
+        c.status = status.into();
+        c.reason = reason.into();
+        c.message = message;
+        c.observed_generation = Some(input.generation);
+    } else {
+        s.conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: Some(input.generation),
+            last_transition_time: Time(input.now),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

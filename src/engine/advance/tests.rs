@@ -1,0 +1,457 @@
+use super::*;
+use crate::api::{CleanupPhase, ImageBuildStatus, OnError, StepPhase};
+use crate::engine::{StepError, StepOutput};
+
+fn now() -> Timestamp {
+    Timestamp::from_second(1_800_000_000).unwrap()
+}
+
+fn names() -> Result<Vec<String>, String> {
+    Ok(vec!["connect".into(), "shell-1".into(), "file-2".into()])
+}
+
+fn created(_: usize, r: &StepRecord) -> bool {
+    r.resources.iter().any(|r| r.created)
+}
+
+fn decide(
+    status: &ImageBuildStatus,
+    task: &TaskState,
+    deleting: bool,
+    on_error: OnError,
+) -> Decision {
+    decide_gen(status, task, deleting, on_error, 1)
+}
+
+fn decide_gen(
+    status: &ImageBuildStatus,
+    task: &TaskState,
+    deleting: bool,
+    on_error: OnError,
+    generation: i64,
+) -> Decision {
+    advance(&Input {
+        status,
+        generation,
+        deleting,
+        on_error,
+        builder: "null",
+        plan: names(),
+        needs_cleanup: &created,
+        task,
+        now: now(),
+    })
+}
+
+fn spawned(d: &Decision) -> Option<TaskKey> {
+    d.actions.iter().find_map(|a| match a {
+        Action::Spawn(k) => Some(k.clone()),
+        _ => None,
+    })
+}
+
+fn cond<'a>(s: &'a ImageBuildStatus, t: &str) -> &'a str {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| c.status.as_str())
+        .unwrap_or("missing")
+}
+
+fn finished_run(d: &Decision, result: Result<StepOutput, StepError>) -> TaskState {
+    let key = spawned(d).expect("a spawn");
+    TaskState::Finished {
+        key,
+        result: TaskResult::Run(result),
+    }
+}
+
+#[test]
+fn a_new_build_records_all_steps_and_starts_the_first() {
+    let d = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let s = &d.status;
+    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(s.phase, Some(BuildPhase::Running));
+    assert_eq!(s.steps.len(), 3);
+    assert_eq!(s.steps[0].phase, StepPhase::Running);
+    assert_eq!(s.steps[0].attempts, 1);
+    assert_eq!(s.steps[1].phase, StepPhase::Pending);
+    assert_eq!(
+        spawned(&d),
+        Some(TaskKey {
+            generation: 1,
+            kind: TaskKind::Run,
+            index: 0,
+            attempt: 1
+        })
+    );
+    assert_eq!(cond(s, "Ready"), "False");
+    assert_eq!(cond(s, "Reconciling"), "True");
+    assert_eq!(cond(s, "Stalled"), "False");
+}
+
+#[test]
+fn a_finished_step_is_recorded_with_the_start_of_the_next_in_one_decision() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let t = finished_run(&d0, Ok(StepOutput::default()));
+    let d1 = decide(&d0.status, &t, false, OnError::Cleanup);
+    assert_eq!(d1.status.steps[0].phase, StepPhase::Succeeded);
+    assert_eq!(d1.status.steps[1].phase, StepPhase::Running);
+    assert_eq!(spawned(&d1).map(|k| k.index), Some(1));
+    assert!(d1.actions.contains(&Action::Forget));
+}
+
+#[test]
+fn a_running_task_means_no_change() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let t = TaskState::Running {
+        key: spawned(&d0).unwrap(),
+        cancelling: false,
+    };
+    let d1 = decide(&d0.status, &t, false, OnError::Cleanup);
+    assert_eq!(d1.status, d0.status);
+    assert!(d1.actions.is_empty());
+}
+
+#[test]
+fn after_a_restart_the_running_step_is_resumed_and_finished_ones_are_not_rerun() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let d1 = decide(
+        &d0.status,
+        &finished_run(&d0, Ok(StepOutput::default())),
+        false,
+        OnError::Cleanup,
+    );
+    // The process dies: no task in memory, status says shell-1 is running.
+    let d2 = decide(&d1.status, &TaskState::None, false, OnError::Cleanup);
+    let key = spawned(&d2).unwrap();
+    assert_eq!(key.index, 1);
+    assert_eq!(key.attempt, 2);
+    assert_eq!(d2.status.steps[0].attempts, 1);
+    assert_eq!(d2.status.steps[1].attempts, 2);
+    assert!(d2.actions.iter().any(|a| matches!(
+        a,
+        Action::Event {
+            reason: "StepResumed",
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_stale_result_is_ignored() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let mut key = spawned(&d0).unwrap();
+    key.attempt = 7;
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Run(Ok(StepOutput::default())),
+    };
+    let d1 = decide(&d0.status, &t, false, OnError::Cleanup);
+    assert_eq!(d1.status.steps[0].phase, StepPhase::Running);
+}
+
+fn run_to_failure(on_error: OnError, with_resource: bool) -> Decision {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        on_error,
+    );
+    let mut out = StepOutput::default();
+    if with_resource {
+        out.resources.push(ResourceRecord {
+            kind: "KeyPair".into(),
+            id: "kiln-1".into(),
+            region: None,
+            created: true,
+        });
+        out.resources.push(ResourceRecord {
+            kind: "Subnet".into(),
+            id: "subnet-1".into(),
+            region: None,
+            created: false,
+        });
+    }
+    let d1 = decide(&d0.status, &finished_run(&d0, Ok(out)), false, on_error);
+    decide(
+        &d1.status,
+        &finished_run(
+            &d1,
+            Err(StepError::Failed("script exited with code 3".into())),
+        ),
+        false,
+        on_error,
+    )
+}
+
+#[test]
+fn failure_cleans_up_in_reverse_then_fails_and_stalls() {
+    let d = run_to_failure(OnError::Cleanup, true);
+    // shell-1 failed and created nothing: NotNeeded; connect created a key pair: cleanup task.
+    assert_eq!(d.status.steps[1].phase, StepPhase::Failed);
+    assert_eq!(d.status.steps[1].cleanup, CleanupPhase::NotNeeded);
+    assert_eq!(
+        d.status.steps[2].cleanup,
+        CleanupPhase::Pending,
+        "never started"
+    );
+    assert_eq!(d.status.phase, Some(BuildPhase::CleaningUp));
+    let key = spawned(&d).unwrap();
+    assert_eq!((key.kind, key.index), (TaskKind::Cleanup, 0));
+
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Cleanup(Ok(())),
+    };
+    let d2 = decide(&d.status, &t, false, OnError::Cleanup);
+    assert_eq!(d2.status.steps[0].cleanup, CleanupPhase::Done);
+    assert_eq!(d2.status.phase, Some(BuildPhase::Failed));
+    assert!(
+        d2.status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("exited with code 3")
+    );
+    assert_eq!(cond(&d2.status, "Stalled"), "True");
+    assert_eq!(cond(&d2.status, "Ready"), "False");
+    assert_eq!(cond(&d2.status, "Reconciling"), "False");
+    // Nothing more to do until the spec changes.
+    let d3 = decide(&d2.status, &TaskState::None, false, OnError::Cleanup);
+    assert_eq!(d3.status, d2.status);
+    assert!(d3.actions.is_empty());
+}
+
+#[test]
+fn failed_cleanup_is_retried_with_a_new_attempt() {
+    let d = run_to_failure(OnError::Cleanup, true);
+    let key = spawned(&d).unwrap();
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Cleanup(Err(StepError::Transient("DependencyViolation".into()))),
+    };
+    let d2 = decide(&d.status, &t, false, OnError::Cleanup);
+    assert_eq!(d2.status.steps[0].cleanup, CleanupPhase::Pending);
+    let again = spawned(&d2).unwrap();
+    assert_eq!((again.index, again.attempt), (0, 2));
+    assert!(
+        d2.status.steps[0]
+            .cleanup_message
+            .as_deref()
+            .unwrap()
+            .contains("DependencyViolation")
+    );
+}
+
+#[test]
+fn on_error_keep_leaves_resources_until_deletion() {
+    let d = run_to_failure(OnError::Keep, true);
+    assert_eq!(d.status.phase, Some(BuildPhase::Failed));
+    assert!(spawned(&d).is_none());
+    assert_eq!(d.status.steps[0].cleanup, CleanupPhase::Pending);
+    assert_eq!(cond(&d.status, "Stalled"), "True");
+
+    let del = decide(&d.status, &TaskState::None, true, OnError::Keep);
+    let key = spawned(&del).unwrap();
+    assert_eq!((key.kind, key.index), (TaskKind::Cleanup, 0));
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Cleanup(Ok(())),
+    };
+    let done = decide(&del.status, &t, true, OnError::Keep);
+    assert!(done.actions.contains(&Action::RemoveFinalizer));
+}
+
+#[test]
+fn success_cleans_up_then_is_ready() {
+    let mut d = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    for _ in 0..3 {
+        d = decide(
+            &d.status,
+            &finished_run(&d, Ok(StepOutput::default())),
+            false,
+            OnError::Cleanup,
+        );
+    }
+    assert_eq!(d.status.phase, Some(BuildPhase::Succeeded));
+    assert!(
+        d.status
+            .steps
+            .iter()
+            .all(|s| s.cleanup == CleanupPhase::NotNeeded)
+    );
+    assert_eq!(cond(&d.status, "Ready"), "True");
+    assert_eq!(cond(&d.status, "Reconciling"), "False");
+    assert!(d.status.completed_at.is_some());
+}
+
+#[test]
+fn deleting_mid_step_cancels_then_cleans_up_then_releases() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let key = spawned(&d0).unwrap();
+    let running = TaskState::Running {
+        key: key.clone(),
+        cancelling: false,
+    };
+    let d1 = decide(&d0.status, &running, true, OnError::Cleanup);
+    assert_eq!(d1.actions, vec![Action::Cancel]);
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Run(Err(StepError::Cancelled)),
+    };
+    let d2 = decide(&d1.status, &t, true, OnError::Cleanup);
+    assert_eq!(d2.status.steps[0].phase, StepPhase::Cancelled);
+    assert!(d2.actions.contains(&Action::RemoveFinalizer));
+}
+
+#[test]
+fn deleting_after_a_restart_marks_the_orphaned_step_cancelled() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let d1 = decide(&d0.status, &TaskState::None, true, OnError::Cleanup);
+    assert_eq!(d1.status.steps[0].phase, StepPhase::Cancelled);
+    assert!(d1.actions.contains(&Action::RemoveFinalizer));
+}
+
+#[test]
+fn a_new_generation_supersedes_a_running_build_then_builds() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let key = spawned(&d0).unwrap();
+    let running = TaskState::Running {
+        key: key.clone(),
+        cancelling: false,
+    };
+    let d1 = decide_gen(&d0.status, &running, false, OnError::Cleanup, 2);
+    assert_eq!(d1.actions, vec![Action::Cancel]);
+    assert_eq!(cond(&d1.status, "Ready"), "False");
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Run(Err(StepError::Cancelled)),
+    };
+    let d2 = decide_gen(&d1.status, &t, false, OnError::Cleanup, 2);
+    assert_eq!(d2.status.observed_generation, Some(2));
+    assert_eq!(d2.status.phase, Some(BuildPhase::Running));
+    assert!(
+        d2.status
+            .steps
+            .iter()
+            .skip(1)
+            .all(|s| s.phase == StepPhase::Pending)
+    );
+    assert_eq!(spawned(&d2).map(|k| (k.generation, k.index)), Some((2, 0)));
+}
+
+#[test]
+fn a_spec_change_after_success_starts_a_new_build_and_keeps_artifacts() {
+    let mut d = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    for _ in 0..3 {
+        let mut out = StepOutput::default();
+        out.artifacts.push(crate::api::Artifact {
+            generation: 1,
+            builder: "null".into(),
+            region: None,
+            image_id: Some("ami-1".into()),
+            snapshot_ids: vec![],
+            source_image_id: None,
+            created_at: None,
+        });
+        d = decide(
+            &d.status,
+            &finished_run(&d, Ok(out)),
+            false,
+            OnError::Cleanup,
+        );
+    }
+    assert_eq!(d.status.artifacts.len(), 3);
+    let d2 = decide_gen(&d.status, &TaskState::None, false, OnError::Cleanup, 2);
+    assert_eq!(d2.status.observed_generation, Some(2));
+    assert_eq!(d2.status.phase, Some(BuildPhase::Running));
+    assert_eq!(d2.status.artifacts.len(), 3);
+    assert_eq!(cond(&d2.status, "Ready"), "False");
+}
+
+#[test]
+fn an_invalid_plan_fails_without_steps() {
+    let d = advance(&Input {
+        status: &ImageBuildStatus::default(),
+        generation: 1,
+        deleting: false,
+        on_error: OnError::Cleanup,
+        builder: "amazon-ebs",
+        plan: Err("spec.builder.amazonEBS: not available".into()),
+        needs_cleanup: &created,
+        task: &TaskState::None,
+        now: now(),
+    });
+    assert_eq!(d.status.phase, Some(BuildPhase::Failed));
+    assert_eq!(cond(&d.status, "Stalled"), "True");
+    assert!(d.status.message.unwrap().contains("spec.builder.amazonEBS"));
+}
+
+#[test]
+fn artifacts_history_is_bounded() {
+    let mut a: Vec<crate::api::Artifact> = (0..15)
+        .map(|i| crate::api::Artifact {
+            generation: i,
+            builder: "null".into(),
+            region: None,
+            image_id: None,
+            snapshot_ids: vec![],
+            source_image_id: None,
+            created_at: None,
+        })
+        .collect();
+    trim_artifacts(&mut a);
+    assert_eq!(a.len(), ARTIFACT_HISTORY);
+    assert_eq!(a[0].generation, 5);
+}

@@ -1,0 +1,216 @@
+//! Background tasks that run one step (or one step's cleanup) per build, so that a
+//! 45-minute provisioner never holds a controller worker (invariant 7).
+//!
+//! Nothing here is state in the durable sense: a result that is lost with the
+//! process is recomputed by running the step again, which steps make idempotent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::advance::{TaskKey, TaskKind, TaskResult, TaskState};
+use super::{CleanupContext, Step, StepContext, StepError};
+
+/// Identifies a build to wake when its task finishes (namespace, name).
+pub type WakeKey = (String, String);
+
+struct Entry {
+    key: TaskKey,
+    cancel: CancellationToken,
+    cancelling: bool,
+    result: Arc<Mutex<Option<TaskResult>>>,
+}
+
+pub struct Runner {
+    tasks: Mutex<HashMap<String, Entry>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    wake: UnboundedSender<WakeKey>,
+    shutdown: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+pub enum Work {
+    Run(Arc<dyn Step>, StepContext),
+    Cleanup(Arc<dyn Step>, CleanupContext),
+}
+
+impl Runner {
+    pub fn new(wake: UnboundedSender<WakeKey>) -> Self {
+        Runner {
+            tasks: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            wake,
+            shutdown: CancellationToken::new(),
+            tracker: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// Serialises status writes of one build between reconciles and its task.
+    pub fn lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(uid.to_string()).or_default().clone()
+    }
+
+    pub fn state(&self, uid: &str) -> TaskState {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        match tasks.get(uid) {
+            None => TaskState::None,
+            Some(e) => {
+                let result = e.result.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match result {
+                    Some(result) => TaskState::Finished {
+                        key: e.key.clone(),
+                        result,
+                    },
+                    None => TaskState::Running {
+                        key: e.key.clone(),
+                        cancelling: e.cancelling,
+                    },
+                }
+            }
+        }
+    }
+
+    pub fn cancel(&self, uid: &str) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = tasks.get_mut(uid) {
+            e.cancelling = true;
+            e.cancel.cancel();
+        }
+    }
+
+    /// Drops a finished task once its result is in status, or everything about a
+    /// build that is gone.
+    pub fn forget(&self, uid: &str, everything: bool) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = tasks.get(uid) {
+            let finished = e.result.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            if finished || everything {
+                e.cancel.cancel();
+                tasks.remove(uid);
+            }
+        }
+        if everything {
+            self.locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(uid);
+        }
+    }
+
+    /// Number of tasks in flight, for metrics and tests.
+    pub fn running(&self) -> usize {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn spawn(&self, uid: &str, wake: WakeKey, key: TaskKey, work: Work, span: tracing::Span) {
+        let cancel = match &work {
+            Work::Run(_, ctx) => ctx.cancel.clone(),
+            Work::Cleanup(..) => self.shutdown.child_token(),
+        };
+        let result = Arc::new(Mutex::new(None));
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = tasks.get(uid) {
+                old.cancel.cancel();
+            }
+            tasks.insert(
+                uid.to_string(),
+                Entry {
+                    key: key.clone(),
+                    cancel: cancel.clone(),
+                    cancelling: false,
+                    result: result.clone(),
+                },
+            );
+        }
+        let tx = self.wake.clone();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(
+            async move {
+                let outcome = execute(&key, work, &cancel).await;
+                // A task stopped by operator shutdown reports nothing: the step
+                // stays Running in status and the next operator resumes it.
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                *result.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+                let _ = tx.send(wake);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Child token for a new step run, cancelled on shutdown as well.
+    pub fn token(&self) -> CancellationToken {
+        self.shutdown.child_token()
+    }
+
+    /// Stops every task and waits (bounded) for them, on SIGTERM.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(grace, self.tracker.wait()).await;
+    }
+}
+
+async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskResult {
+    match (key.kind, work) {
+        (TaskKind::Run, Work::Run(step, ctx)) => {
+            tracing::info!(attempt = key.attempt, "step started");
+            let started = std::time::Instant::now();
+            let fut: BoxFuture<'_, _> = step.run(&ctx);
+            let out = tokio::select! {
+                r = fut => r,
+                () = cancel.cancelled() => Err(StepError::Cancelled),
+            };
+            match &out {
+                Ok(_) => tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "step succeeded"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "step failed")
+                }
+            }
+            TaskResult::Run(out)
+        }
+        (TaskKind::Cleanup, Work::Cleanup(step, ctx)) => {
+            if key.attempt > 1 {
+                let delay = backoff(key.attempt);
+                tracing::info!(
+                    attempt = key.attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying cleanup"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return TaskResult::Cleanup(Err(StepError::Cancelled)),
+                }
+            }
+            let out = tokio::select! {
+                r = step.cleanup(&ctx) => r,
+                () = cancel.cancelled() => Err(StepError::Cancelled),
+            };
+            match &out {
+                Ok(()) => tracing::info!("cleanup done"),
+                Err(e) => tracing::warn!(error = %e, "cleanup failed"),
+            }
+            TaskResult::Cleanup(out)
+        }
+        (_, _) => TaskResult::Run(Err(StepError::Failed(
+            "internal error: task kind does not match its work".into(),
+        ))),
+    }
+}
+
+/// Exponential backoff with a cap; cleanup must keep trying, but not hammer the API.
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = attempt.saturating_sub(1).min(8);
+    Duration::from_millis(500u64 << exp).min(Duration::from_secs(120))
+}

@@ -1,0 +1,9 @@
+//! kiln: machine images built the way Packer builds them, as a Kubernetes resource.
+
+pub mod api;
+pub mod builders;
+pub mod communicator;
+pub mod controller;
+pub mod engine;
+pub mod provisioners;
+pub mod refs;

@@ -1,0 +1,128 @@
+//! Opens an SSH session to the build machine from the spec, the secrets it names and
+//! what earlier steps found out (a cloud builder's address or generated key).
+
+use std::time::Duration;
+
+use crate::api::duration;
+use crate::communicator::ssh::{self, HostKeyPolicy, Session, Target};
+use crate::engine::{StepContext, StepError};
+use crate::refs;
+
+/// Output keys earlier steps may set to steer the connection.
+pub const OUT_HOST: &str = "host";
+pub const OUT_PORT: &str = "port";
+/// `namespace/name` of a Secret holding a generated private key (`ssh-privatekey`).
+pub const OUT_KEY_SECRET: &str = "ssh_key_secret";
+
+pub const DEFAULT_PRIVATE_KEY_KEY: &str = "ssh-privatekey";
+pub const DEFAULT_KNOWN_HOSTS_KEY: &str = "known_hosts";
+
+pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
+    let ssh = &ctx.spec.communicator.ssh;
+    let ns = &ctx.facts.namespace;
+    let host = ssh
+        .host
+        .clone()
+        .or_else(|| ctx.outputs.get(OUT_HOST).cloned())
+        .ok_or_else(|| {
+            StepError::Failed(
+                "spec.communicator.ssh.host: no host to connect to (required for the null builder)"
+                    .into(),
+            )
+        })?;
+    let port = ctx
+        .outputs
+        .get(OUT_PORT)
+        .and_then(|p| p.parse().ok())
+        .filter(|_| ssh.host.is_none())
+        .unwrap_or(ssh.port);
+
+    let private_key = match (&ssh.private_key_secret_ref, ctx.outputs.get(OUT_KEY_SECRET)) {
+        (Some(r), _) => {
+            let key = r.key.as_deref().unwrap_or(DEFAULT_PRIVATE_KEY_KEY);
+            refs::secret_key(
+                &ctx.client,
+                ns,
+                &r.name,
+                key,
+                "spec.communicator.ssh.privateKeySecretRef",
+            )
+            .await
+        }
+        (None, Some(generated)) => {
+            let (gns, gname) = generated.split_once('/').unwrap_or((ns, generated));
+            refs::secret_key(&ctx.client, gns, gname, DEFAULT_PRIVATE_KEY_KEY, "generated key pair")
+                .await
+        }
+        (None, None) => {
+            return Err(StepError::Failed(
+                "spec.communicator.ssh.privateKeySecretRef: required, no private key to authenticate with"
+                    .into(),
+            ));
+        }
+    }
+    .map_err(|e| StepError::Failed(e.to_string()))?;
+    let private_key = String::from_utf8(private_key.0).map_err(|_| {
+        StepError::Failed(
+            "spec.communicator.ssh.privateKeySecretRef: the private key is not UTF-8 text (expected OpenSSH or PEM format)"
+                .into(),
+        )
+    })?;
+
+    let host_key = match (
+        &ssh.host_key.known_hosts_secret_ref,
+        ssh.host_key.insecure_ignore,
+    ) {
+        (Some(r), _) => {
+            let key = r.key.as_deref().unwrap_or(DEFAULT_KNOWN_HOSTS_KEY);
+            let bytes = refs::secret_key(
+                &ctx.client,
+                ns,
+                &r.name,
+                key,
+                "spec.communicator.ssh.hostKey.knownHostsSecretRef",
+            )
+            .await
+            .map_err(|e| StepError::Failed(e.to_string()))?;
+            HostKeyPolicy::KnownHosts(String::from_utf8_lossy(&bytes.0).into_owned())
+        }
+        (None, Some(true)) => HostKeyPolicy::InsecureIgnore,
+        _ => {
+            return Err(StepError::Failed(
+                "spec.communicator.ssh.hostKey: set knownHostsSecretRef or insecureIgnore: true"
+                    .into(),
+            ));
+        }
+    };
+    let timeout = parse_duration(&ssh.timeout, "spec.communicator.ssh.timeout")?;
+    let keepalive = parse_duration(
+        &ssh.keepalive_interval,
+        "spec.communicator.ssh.keepaliveInterval",
+    )?;
+    Ok(Target {
+        host,
+        port,
+        username: ssh.username.clone(),
+        private_key: private_key.into(),
+        host_key,
+        connect_timeout: timeout,
+        keepalive,
+    })
+}
+
+pub fn parse_duration(text: &str, field: &str) -> Result<Duration, StepError> {
+    duration::parse(text).map_err(|e| StepError::Failed(format!("{field}: {e}")))
+}
+
+pub async fn open(ctx: &StepContext) -> Result<Session, StepError> {
+    let target = target(ctx).await?;
+    ssh::connect(&target, &ctx.cancel).await.map_err(ssh_error)
+}
+
+/// Every SSH failure fails the step; `connect` already retried what was transient.
+pub fn ssh_error(e: ssh::SshError) -> StepError {
+    match e {
+        ssh::SshError::Cancelled => StepError::Cancelled,
+        other => StepError::Failed(format!("ssh: {other}")),
+    }
+}
