@@ -1,0 +1,239 @@
+//! Bad inputs: refused by the apiserver where the schema can say it, otherwise a
+//! clear status message. Every message names the field that is wrong.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Fixture, condition};
+use kiln::api::BuildPhase;
+use serde_json::{Value, json};
+
+/// Walks object keys and, for numeric segments, array indices.
+fn walk<'a>(v: &'a mut Value, path: &[&str]) -> &'a mut Value {
+    let mut cur = v;
+    for p in path {
+        cur = match p.parse::<usize>() {
+            Ok(i) if cur.is_array() => cur.get_mut(i),
+            _ => cur.get_mut(*p),
+        }
+        .unwrap_or_else(|| panic!("no {p}"));
+    }
+    cur
+}
+
+fn set(v: &mut Value, path: &[&str], value: Value) {
+    let (last, parent) = path.split_last().unwrap();
+    walk(v, parent)[*last] = value;
+}
+
+fn remove(v: &mut Value, path: &[&str]) {
+    let (last, parent) = path.split_last().unwrap();
+    walk(v, parent).as_object_mut().unwrap().remove(*last);
+}
+
+fn shell(cmds: &[&str]) -> Value {
+    json!([{"shell": {"inline": cmds}}])
+}
+
+/// Each case: a change to a valid build, and what the apiserver's message must contain.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
+    let f = Fixture::new("schema").await;
+    let base = f.null_build("x", shell(&["true"]));
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
+        (
+            "no builder",
+            Box::new(|v| set(v, &["spec", "builder"], json!({}))),
+            &["spec.builder", "exactly one builder"],
+        ),
+        (
+            "two builders",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "builder", "amazonEBS"],
+                    json!({"region": "us-east-1", "sourceAMI": "ami-0123", "instanceType": "t3.micro", "amiName": "web"}),
+                )
+            }),
+            &["spec.builder", "exactly one builder"],
+        ),
+        (
+            "unknown onError",
+            Box::new(|v| set(v, &["spec", "onError"], json!("explode"))),
+            &["spec.onError", "Unsupported value"],
+        ),
+        (
+            "unknown artifactPolicy",
+            Box::new(|v| set(v, &["spec", "artifactPolicy"], json!("Shred"))),
+            &["spec.artifactPolicy", "Unsupported value"],
+        ),
+        (
+            "malformed SSH timeout",
+            Box::new(|v| set(v, &["spec", "communicator", "ssh", "timeout"], json!("5 minutes"))),
+            &["spec.communicator.ssh.timeout", "must be a duration"],
+        ),
+        (
+            "malformed shell timeout",
+            Box::new(|v| set(v, &["spec", "provisioners", "0", "shell", "timeout"], json!("10"))),
+            &["spec.provisioners[0].shell.timeout", "must be a duration"],
+        ),
+        (
+            "empty provisioner",
+            Box::new(|v| set(v, &["spec", "provisioners"], json!([{}]))),
+            &["spec.provisioners[0]", "exactly one of shell or file"],
+        ),
+        (
+            "empty inline command",
+            Box::new(|v| set(v, &["spec", "provisioners"], json!([{"shell": {"inline": [""]}}]))),
+            &["spec.provisioners[0].shell.inline", "must not be empty"],
+        ),
+        (
+            "no inline commands",
+            Box::new(|v| set(v, &["spec", "provisioners"], json!([{"shell": {"inline": []}}]))),
+            &["spec.provisioners[0].shell.inline"],
+        ),
+        (
+            "shell with no body",
+            Box::new(|v| set(v, &["spec", "provisioners"], json!([{"shell": {"timeout": "1m"}}]))),
+            &["spec.provisioners[0].shell", "exactly one of inline or scriptFrom"],
+        ),
+        (
+            "no host key policy",
+            Box::new(|v| remove(v, &["spec", "communicator", "ssh", "hostKey"])),
+            &["spec.communicator.ssh.hostKey", "Required value"],
+        ),
+        (
+            "insecureIgnore false and no known_hosts",
+            Box::new(|v| set(v, &["spec", "communicator", "ssh", "hostKey"], json!({"insecureIgnore": false}))),
+            &["spec.communicator.ssh.hostKey", "knownHostsSecretRef or insecureIgnore"],
+        ),
+        (
+            "null builder without host",
+            Box::new(|v| remove(v, &["spec", "communicator", "ssh", "host"])),
+            &["communicator.ssh.host is required with the null builder"],
+        ),
+        (
+            "relative file destination",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"file": {"destination": "etc/app.conf", "from": {"configMapKeyRef": {"name": "a", "key": "b"}}}}]),
+                )
+            }),
+            &["spec.provisioners[0].file.destination"],
+        ),
+        (
+            "file mode not octal",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"file": {"destination": "/etc/x", "mode": "rw-r--r--", "from": {"configMapKeyRef": {"name": "a", "key": "b"}}}}]),
+                )
+            }),
+            &["spec.provisioners[0].file.mode"],
+        ),
+        (
+            "invalid env var name",
+            Box::new(|v| set(v, &["spec", "provisioners", "0", "shell", "env"], json!([{"name": "1-BAD", "value": "x"}]))),
+            &["spec.provisioners[0].shell.env[0].name"],
+        ),
+        (
+            "port out of range",
+            Box::new(|v| set(v, &["spec", "communicator", "ssh", "port"], json!(70000))),
+            &["spec.communicator.ssh.port"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, (what, edit, expect)) in cases.iter().enumerate() {
+        let mut obj = base.clone();
+        set(&mut obj, &["metadata", "name"], json!(format!("bad-{i}")));
+        edit(&mut obj);
+        match f.create_raw(&obj).await {
+            Ok(()) => failures.push(format!("{what}: accepted")),
+            Err(kube::Error::Api(s)) => {
+                for e in *expect {
+                    if !s.message.contains(e) {
+                        failures.push(format!("{what}: message lacks {e:?}: {}", s.message));
+                    }
+                }
+                if s.code != 422 {
+                    failures.push(format!("{what}: code {} ({})", s.code, s.message));
+                }
+            }
+            Err(e) => failures.push(format!("{what}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+async fn fails_with(f: &Fixture, name: &str, obj: Value, expect: &[&str]) {
+    f.create(&obj).await.unwrap();
+    let ib = f.wait_phase(name, BuildPhase::Failed, Duration::from_secs(45)).await;
+    let msg = ib.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
+    for e in expect {
+        assert!(msg.contains(e), "{name}: message lacks {e:?}: {msg}");
+    }
+    assert_eq!(condition(&ib, "Stalled").as_deref(), Some("True"), "{name}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_problems_fail_the_build_with_a_clear_message() {
+    let f = Fixture::new("runtime").await;
+
+    let mut missing = f.null_build("missing-secret", shell(&["true"]));
+    set(&mut missing, &["spec", "communicator", "ssh", "privateKeySecretRef"], json!({"name": "nope"}));
+
+    let mut wrong_key = f.null_build("wrong-key", shell(&["true"]));
+    set(&mut wrong_key, &["spec", "communicator", "ssh", "privateKeySecretRef"], json!({"name": "wrong-key"}));
+
+    let mut mismatch = f.null_build("host-key-mismatch", shell(&["true"]));
+    set(
+        &mut mismatch,
+        &["spec", "communicator", "ssh", "hostKey"],
+        json!({"knownHostsSecretRef": {"name": "bad-known-hosts"}}),
+    );
+
+    let mut unreachable = f.null_build("unreachable", shell(&["true"]));
+    // Port 9 (discard) is closed on loopback here: connection refused until the timeout.
+    set(&mut unreachable, &["spec", "communicator", "ssh", "port"], json!(9));
+    set(&mut unreachable, &["spec", "communicator", "ssh", "timeout"], json!("3s"));
+
+    let missing_cm = f.null_build(
+        "missing-configmap",
+        json!([{"file": {"destination": "/tmp/x", "from": {"configMapKeyRef": {"name": "absent", "key": "k"}}}}]),
+    );
+    let mut missing_key = f.null_build("missing-known-hosts-key", shell(&["true"]));
+    set(
+        &mut missing_key,
+        &["spec", "communicator", "ssh", "hostKey"],
+        json!({"knownHostsSecretRef": {"name": "known-hosts", "key": "other"}}),
+    );
+
+    tokio::join!(
+        fails_with(
+            &f,
+            "missing-secret",
+            missing,
+            &["spec.communicator.ssh.privateKeySecretRef", "Secret", "nope", "not found"],
+        ),
+        fails_with(&f, "wrong-key", wrong_key, &["spec.communicator.ssh", "authentication failed"]),
+        fails_with(&f, "host-key-mismatch", mismatch, &["spec.communicator.ssh.hostKey", "host key"]),
+        fails_with(&f, "unreachable", unreachable, &["spec.communicator.ssh", "refused", "3s"]),
+        fails_with(
+            &f,
+            "missing-configmap",
+            missing_cm,
+            &["spec.provisioners[0].file.from.configMapKeyRef", "ConfigMap", "absent", "not found"],
+        ),
+        fails_with(
+            &f,
+            "missing-known-hosts-key",
+            missing_key,
+            &["spec.communicator.ssh.hostKey.knownHostsSecretRef", "no key \"other\""],
+        ),
+    );
+}

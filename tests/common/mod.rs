@@ -1,0 +1,406 @@
+//! Shared harness for integration tests against the real servers that
+//! `tests/env/up.sh` starts (kube-apiserver + etcd, sshd). Each test gets its own
+//! namespace and its own operator process, scoped to that namespace, running as the
+//! `kiln` ServiceAccount under the RBAC from `config/rbac`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kiln::api::{BuildPhase, ImageBuild};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::pinned_kind;
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What `tests/env/up.sh` wrote to `env.sh`.
+#[derive(Clone, Debug)]
+pub struct TestEnv {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    pub ssh_user: String,
+    pub ssh_key: PathBuf,
+    pub ssh_wrong_key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub bad_known_hosts: PathBuf,
+}
+
+impl TestEnv {
+    pub fn load() -> TestEnv {
+        let dir = std::env::var("KILN_TEST_ENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join(".kiln-test-env"));
+        let text = std::fs::read_to_string(dir.join("env.sh")).unwrap_or_else(|e| {
+            panic!(
+                "no test environment at {} ({e}); start it with `bash tests/env/up.sh`",
+                dir.display()
+            )
+        });
+        let mut vars = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.trim().strip_prefix("export ") else {
+                continue;
+            };
+            if let Some((k, v)) = rest.split_once('=') {
+                let v = v.trim().trim_matches('"').trim_matches('\'');
+                vars.insert(k.to_string(), v.to_string());
+            }
+        }
+        let get = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{k} missing from {}/env.sh", dir.display()))
+        };
+        TestEnv {
+            kubeconfig: get("KUBECONFIG").into(),
+            ssh_host: get("KILN_SSH_HOST"),
+            ssh_port: get("KILN_SSH_PORT").parse().expect("KILN_SSH_PORT"),
+            ssh_user: get("KILN_SSH_USER"),
+            ssh_key: get("KILN_SSH_KEY").into(),
+            ssh_wrong_key: get("KILN_SSH_WRONG_KEY").into(),
+            known_hosts: get("KILN_SSH_KNOWN_HOSTS").into(),
+            bad_known_hosts: get("KILN_SSH_BAD_KNOWN_HOSTS").into(),
+            dir,
+        }
+    }
+
+    pub async fn admin(&self) -> Client {
+        client_from(&self.kubeconfig).await
+    }
+}
+
+pub async fn client_from(path: &Path) -> Client {
+    let kc = kube::config::Kubeconfig::read_from(path).expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kube config");
+    Client::try_from(cfg).expect("client")
+}
+
+/// Applies multi-document YAML by server-side apply, resolving kinds by discovery.
+pub async fn apply_yaml(client: &Client, text: &str) {
+    for doc in text.split("\n---") {
+        if doc.trim().is_empty() || doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+            continue;
+        }
+        let obj: DynamicObject = serde_yaml::from_str(doc).expect("yaml object");
+        let tm = obj.types.clone().expect("apiVersion/kind");
+        let gvk = GroupVersionKind::try_from(&tm).expect("gvk");
+        let (ar, caps) = pinned_kind(client, &gvk).await.expect("discovery");
+        let api: Api<DynamicObject> = match (caps.scope, obj.metadata.namespace.as_deref()) {
+            (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
+            (kube::discovery::Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &ar),
+            (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
+        };
+        api.patch(&obj.name_any(), &PatchParams::apply("kiln-tests").force(), &Patch::Apply(&obj))
+            .await
+            .unwrap_or_else(|e| panic!("applying {} {}: {e}", tm.kind, obj.name_any()));
+    }
+}
+
+/// Installs the CRD and the operator's RBAC (idempotent) and returns a kubeconfig
+/// that acts as the operator's ServiceAccount.
+pub async fn install(env: &TestEnv) -> PathBuf {
+    let client = env.admin().await;
+    let crd = std::fs::read_to_string(repo_root().join("crds/imagebuilds.kiln.dev.yaml")).unwrap();
+    apply_yaml(&client, &crd).await;
+    for f in ["namespace", "service_account", "cluster_role", "cluster_role_binding"] {
+        let text = std::fs::read_to_string(repo_root().join(format!("config/rbac/{f}.yaml"))).unwrap();
+        apply_yaml(&client, &text).await;
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    wait_until(Duration::from_secs(30), "CRD established", || async {
+        let c = crds.get("imagebuilds.kiln.dev").await.ok()?;
+        let ok = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+        ok.then_some(())
+    })
+    .await;
+
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "kiln-system");
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(24 * 3600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let token = wait_until(Duration::from_secs(30), "service account token", || async {
+        sas.create_token_request("kiln", &PostParams::default(), &req)
+            .await
+            .ok()?
+            .status
+            .map(|s| s.token)
+    })
+    .await;
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&env.kubeconfig).unwrap()).unwrap();
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let kc = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": cluster}],
+        "users": [{"name": "kiln", "user": {"token": token}}],
+        "contexts": [{"name": "kiln", "context": {"cluster": "test", "user": "kiln"}}],
+        "current-context": "kiln",
+    });
+    let path = env.dir.join(format!("operator-kubeconfig-{}", std::process::id()));
+    std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    path
+}
+
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One operator process, killed on drop.
+pub struct Operator {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(kubeconfig: &Path, namespace: &str, log: &Path) -> Operator {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["run", "--namespace", namespace, "--kubeconfig"])
+            .arg(kubeconfig)
+            .env("KILN_LOG", "info,kiln=debug")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("start operator");
+        Operator {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to clean up or write anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                self.child = None;
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "operator did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test's namespace, its SSH secrets and its operator.
+pub struct Fixture {
+    pub env: TestEnv,
+    pub client: Client,
+    pub ns: String,
+    pub operator_kubeconfig: PathBuf,
+    pub operator: Operator,
+    /// Scratch directory on the "build machine" (sshd runs on this host).
+    pub host_dir: PathBuf,
+}
+
+impl Fixture {
+    pub async fn new(prefix: &str) -> Fixture {
+        let env = TestEnv::load();
+        let operator_kubeconfig = install(&env).await;
+        let client = env.admin().await;
+        let ns = format!("{prefix}-{}", short_id());
+        let nss: Api<Namespace> = Api::all(client.clone());
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        for (name, key, path) in [
+            ("ssh-key", "ssh-privatekey", &env.ssh_key),
+            ("wrong-key", "ssh-privatekey", &env.ssh_wrong_key),
+            ("known-hosts", "known_hosts", &env.known_hosts),
+            ("bad-known-hosts", "known_hosts", &env.bad_known_hosts),
+        ] {
+            let value = std::fs::read_to_string(path).unwrap();
+            secrets
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({
+                        "metadata": {"name": name},
+                        "stringData": {key: value},
+                    }))
+                    .unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+        let logs = env.dir.join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let operator = Operator::start(&operator_kubeconfig, &ns, &logs.join(format!("{ns}.log")));
+        let host_dir = std::env::temp_dir().join("kiln-it").join(&ns);
+        std::fs::create_dir_all(&host_dir).unwrap();
+        Fixture {
+            env,
+            client,
+            ns,
+            operator_kubeconfig,
+            operator,
+            host_dir,
+        }
+    }
+
+    pub fn api(&self) -> Api<ImageBuild> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn restart_operator(&mut self) {
+        self.operator.kill();
+        let log = self.operator.log.clone();
+        self.operator = Operator::start(&self.operator_kubeconfig, &self.ns, &log);
+    }
+
+    /// A null-builder ImageBuild against the test sshd with the given provisioners.
+    pub fn null_build(&self, name: &str, provisioners: Value) -> Value {
+        json!({
+            "apiVersion": "kiln.dev/v1alpha1",
+            "kind": "ImageBuild",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "builder": {"null": {}},
+                "communicator": {"ssh": {
+                    "username": self.env.ssh_user,
+                    "host": self.env.ssh_host,
+                    "port": self.env.ssh_port,
+                    "privateKeySecretRef": {"name": "ssh-key"},
+                    "hostKey": {"knownHostsSecretRef": {"name": "known-hosts"}},
+                    "timeout": "20s",
+                }},
+                "provisioners": provisioners,
+            }
+        })
+    }
+
+    pub async fn create(&self, obj: &Value) -> Result<ImageBuild, kube::Error> {
+        let ib: ImageBuild = serde_json::from_value(obj.clone()).expect("ImageBuild json");
+        self.api().create(&PostParams::default(), &ib).await
+    }
+
+    /// Creates through the raw JSON so schema-level rejections are the apiserver's.
+    pub async fn create_raw(&self, obj: &Value) -> Result<(), kube::Error> {
+        let ar = kube::core::ApiResource::erase::<ImageBuild>(&());
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &self.ns, &ar);
+        let o: DynamicObject = serde_json::from_value(obj.clone()).unwrap();
+        api.create(&PostParams::default(), &o).await.map(|_| ())
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: BuildPhase, timeout: Duration) -> ImageBuild {
+        let api = self.api();
+        let what = format!("{}/{name} to reach {phase:?}", self.ns);
+        let start = Instant::now();
+        loop {
+            let ib = api.get(name).await.unwrap();
+            let st = ib.status.as_ref().and_then(|s| s.phase);
+            if st == Some(phase) {
+                return ib;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out waiting for {what}; status: {}\noperator log tail:\n{}",
+                    serde_json::to_string_pretty(&ib.status).unwrap(),
+                    tail(&self.operator.logs(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn wait_gone(&self, name: &str, timeout: Duration) {
+        let api = self.api();
+        wait_until(timeout, &format!("{name} to be deleted"), || async {
+            api.get_opt(name).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+
+    pub async fn events(&self) -> Vec<k8s_openapi::api::events::v1::Event> {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&Default::default()).await.unwrap().items
+    }
+}
+
+pub fn condition(ib: &ImageBuild, type_: &str) -> Option<String> {
+    ib.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn short_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{:x}{}", (nanos ^ std::process::id()) & 0xfffff, N.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,269 @@
+//! The null builder end to end against the real apiserver and OpenSSH sshd.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::{Fixture, condition, tail, wait_until};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kiln::api::{BuildPhase, CleanupPhase, StepPhase};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_and_file_provisioners_build_and_report_every_step() {
+    let f = Fixture::new("happy").await;
+    let dir = f.host_dir.display().to_string();
+    let secret_value = format!("s3cr3t-{}", common::short_id());
+    let cms: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "app"},
+            "data": {
+                "app.conf": "listen = 8080\n",
+                "setup.sh": format!("#!/bin/sh\necho from-configmap > {dir}/script.out\n"),
+            }
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "app-secret"},
+                "stringData": {"token": secret_value},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let build = f.null_build(
+        "web",
+        json!([
+            {"shell": {
+                "inline": [
+                    format!("echo \"hello $GREETING from $KILN_BUILD_NAME\" > {dir}/shell.out"),
+                    format!("echo \"$KILN_BUILD_NAMESPACE $KILN_BUILDER $KILN_HOST $KILN_BUILD_UID\" >> {dir}/shell.out"),
+                    format!("test \"$API_TOKEN\" = '{secret_value}' && echo token-ok >> {dir}/shell.out"),
+                    "echo \"the token is $API_TOKEN\"",
+                ],
+                "env": [
+                    {"name": "GREETING", "value": "hi"},
+                    {"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "token"}}},
+                ],
+                "timeout": "1m",
+            }},
+            {"file": {
+                "destination": format!("{dir}/app.conf"),
+                "from": {"configMapKeyRef": {"name": "app", "key": "app.conf"}},
+                "mode": "0640",
+            }},
+            {"file": {
+                "destination": format!("{dir}/token"),
+                "from": {"secretKeyRef": {"name": "app-secret", "key": "token"}},
+                "mode": "0600",
+            }},
+            {"shell": {"scriptFrom": {"configMapKeyRef": {"name": "app", "key": "setup.sh"}}}},
+        ]),
+    );
+    let created = f.create(&build).await.unwrap();
+    let ib = f.wait_phase("web", BuildPhase::Succeeded, Duration::from_secs(60)).await;
+
+    // What the provisioners did is on the host.
+    let out = read(&f.host_dir.join("shell.out"));
+    assert!(out.contains("hello hi from web"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{} null {} {}",
+            f.ns,
+            f.env.ssh_host,
+            created.uid().unwrap()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("token-ok"), "{out}");
+    assert_eq!(read(&f.host_dir.join("app.conf")), "listen = 8080\n");
+    let mode = std::fs::metadata(f.host_dir.join("app.conf")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    assert_eq!(read(&f.host_dir.join("token")), secret_value);
+    assert_eq!(read(&f.host_dir.join("script.out")).trim(), "from-configmap");
+
+    // Every step is recorded, once.
+    let st = ib.status.clone().unwrap();
+    let names: Vec<_> = st.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["connect", "shell-1", "file-2", "file-3", "shell-4"]);
+    for s in &st.steps {
+        assert_eq!(s.phase, StepPhase::Succeeded, "{s:?}");
+        assert_eq!(s.attempts, 1, "{s:?}");
+        assert!(s.started_at.is_some() && s.finished_at.is_some(), "{s:?}");
+        assert_eq!(s.cleanup, CleanupPhase::NotNeeded, "{s:?}");
+    }
+    assert_eq!(st.observed_generation, ib.metadata.generation);
+    assert_eq!(condition(&ib, "Ready").as_deref(), Some("True"));
+    assert_eq!(condition(&ib, "Reconciling").as_deref(), Some("False"));
+    assert_eq!(condition(&ib, "Stalled").as_deref(), Some("False"));
+    assert!(
+        st.conditions
+            .iter()
+            .all(|c| c.observed_generation == ib.metadata.generation)
+    );
+    assert!(ib.finalizers().iter().any(|f| f == "kiln.dev/cleanup"));
+
+    // Secrets appear nowhere: status, events, operator logs.
+    let events = f.events().await;
+    let reasons: Vec<_> = events.iter().filter_map(|e| e.reason.clone()).collect();
+    for r in ["BuildStarted", "StepStarted", "StepSucceeded", "BuildSucceeded"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
+    }
+    let private_key = read(&f.env.ssh_key);
+    let key_line = private_key
+        .lines()
+        .find(|l| l.len() > 40 && !l.starts_with("-----"))
+        .unwrap()
+        .to_string();
+    let status_json = serde_json::to_string(&ib.status).unwrap();
+    let events_json = serde_json::to_string(&events).unwrap();
+    // Give the operator a moment to flush what it logs about the final reconcile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = f.operator.logs();
+    assert!(logs.contains("the token is <redacted>"), "output should be streamed, redacted:\n{}", tail(&logs, 40));
+    for (what, text) in [("status", &status_json), ("events", &events_json), ("operator log", &logs)] {
+        assert!(!text.contains(&secret_value), "secret env value leaked into {what}");
+        assert!(!text.contains(&key_line), "private key leaked into {what}");
+    }
+
+    // Deleting a finished build releases the finalizer.
+    f.api().delete("web", &DeleteParams::default()).await.unwrap();
+    f.wait_gone("web", Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_command_fails_the_build_with_exit_code_and_output() {
+    let f = Fixture::new("fail").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "broken",
+        json!([
+            {"shell": {"inline": ["echo preparing", "echo 'disk is full' >&2", "exit 3"]}},
+            {"file": {"destination": format!("{dir}/never"), "from": {"configMapKeyRef": {"name": "x", "key": "y"}}}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let ib = f.wait_phase("broken", BuildPhase::Failed, Duration::from_secs(60)).await;
+    let st = ib.status.clone().unwrap();
+    let msg = st.message.clone().unwrap();
+    assert!(msg.contains("shell-1"), "{msg}");
+    assert!(msg.contains("exited with code 3"), "{msg}");
+    assert!(msg.contains("disk is full"), "{msg}");
+    assert!(msg.contains("preparing"), "{msg}");
+    assert_eq!(condition(&ib, "Stalled").as_deref(), Some("True"));
+    assert_eq!(condition(&ib, "Ready").as_deref(), Some("False"));
+    assert_eq!(st.steps[1].phase, StepPhase::Failed);
+    assert_eq!(st.steps[2].phase, StepPhase::Pending, "a step after the failure must not run");
+    // Cleanup ran over every started step, in reverse, before the build was Failed.
+    assert_eq!(st.steps[0].cleanup, CleanupPhase::NotNeeded);
+    assert_eq!(st.steps[1].cleanup, CleanupPhase::NotNeeded);
+    assert_eq!(st.steps[2].cleanup, CleanupPhase::Pending);
+    let reasons: Vec<_> = f.events().await.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "StepFailed"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "BuildFailed"), "{reasons:?}");
+    assert!(!f.host_dir.join("never").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_operator_is_replaced_and_the_build_resumes_where_it_was() {
+    let mut f = Fixture::new("resume").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "resume",
+        json!([
+            {"shell": {"inline": [format!("echo run >> {dir}/first.count")]}},
+            {"shell": {"inline": [format!("echo run >> {dir}/second.count"), "sleep 4", format!("echo done > {dir}/second.done")]}},
+            {"shell": {"inline": [format!("echo run >> {dir}/third.count")]}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let api = f.api();
+    let second = f.host_dir.join("second.count");
+    wait_until(Duration::from_secs(30), "the long step to start", || async {
+        let ib = api.get("resume").await.ok()?;
+        let st = ib.status?;
+        (st.steps.get(2)?.phase == StepPhase::Running && second.exists()).then_some(())
+    })
+    .await;
+    f.operator.kill();
+    // Let the killed process's remote command finish on its own: the resumed step must
+    // still be run by the new operator.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.restart_operator();
+    let ib = f.wait_phase("resume", BuildPhase::Succeeded, Duration::from_secs(60)).await;
+    let st = ib.status.unwrap();
+    assert_eq!(read(&f.host_dir.join("first.count")).lines().count(), 1, "finished steps are not run again");
+    assert_eq!(read(&f.host_dir.join("third.count")).lines().count(), 1);
+    assert_eq!(st.steps[0].attempts, 1);
+    assert_eq!(st.steps[1].attempts, 1);
+    assert_eq!(st.steps[2].attempts, 2, "the interrupted step was resumed: {:?}", st.steps[2]);
+    assert_eq!(st.steps[3].attempts, 1);
+    assert!(f.host_dir.join("second.done").exists());
+    let reasons: Vec<_> = f.events().await.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "StepResumed"), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_build_mid_step_stops_the_step_cleans_up_and_goes() {
+    let f = Fixture::new("delete").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "doomed",
+        json!([
+            {"shell": {"inline": [format!("touch {dir}/started"), "sleep 8", format!("touch {dir}/finished")]}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let started = f.host_dir.join("started");
+    wait_until(Duration::from_secs(30), "the step to start", || async {
+        started.exists().then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    f.api().delete("doomed", &DeleteParams::default()).await.unwrap();
+    f.wait_gone("doomed", Duration::from_secs(15)).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(6), "deletion waited for the step: {took:?}");
+    let reasons: Vec<_> = f.events().await.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "CleanupFinished"), "{reasons:?}");
+    // The remote command was stopped, not left to run to the end.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert!(!f.host_dir.join("finished").exists(), "the remote command kept running after deletion");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
+    let f = Fixture::new("reboot").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "reboot",
+        json!([
+            // Killing our sshd session process is what a reboot looks like from here.
+            {"shell": {"inline": [format!("touch {dir}/before"), "kill -9 $PPID", "sleep 5"], "expectDisconnect": true}},
+            {"shell": {"inline": [format!("touch {dir}/after")]}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let ib = f.wait_phase("reboot", BuildPhase::Succeeded, Duration::from_secs(60)).await;
+    assert!(f.host_dir.join("before").exists());
+    assert!(f.host_dir.join("after").exists());
+    let st = ib.status.unwrap();
+    assert!(st.steps[1].message.as_deref().unwrap_or("").contains("reconnected"), "{:?}", st.steps[1]);
+}
