@@ -71,12 +71,24 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
         ),
         (
             "malformed SSH timeout",
-            Box::new(|v| set(v, &["spec", "communicator", "ssh", "timeout"], json!("5 minutes"))),
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "communicator", "ssh", "timeout"],
+                    json!("5 minutes"),
+                )
+            }),
             &["spec.communicator.ssh.timeout", "must be a duration"],
         ),
         (
             "malformed shell timeout",
-            Box::new(|v| set(v, &["spec", "provisioners", "0", "shell", "timeout"], json!("10"))),
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners", "0", "shell", "timeout"],
+                    json!("10"),
+                )
+            }),
             &["spec.provisioners[0].shell.timeout", "must be a duration"],
         ),
         (
@@ -86,18 +98,39 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
         ),
         (
             "empty inline command",
-            Box::new(|v| set(v, &["spec", "provisioners"], json!([{"shell": {"inline": [""]}}]))),
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"shell": {"inline": [""]}}]),
+                )
+            }),
             &["spec.provisioners[0].shell.inline", "must not be empty"],
         ),
         (
             "no inline commands",
-            Box::new(|v| set(v, &["spec", "provisioners"], json!([{"shell": {"inline": []}}]))),
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"shell": {"inline": []}}]),
+                )
+            }),
             &["spec.provisioners[0].shell.inline"],
         ),
         (
             "shell with no body",
-            Box::new(|v| set(v, &["spec", "provisioners"], json!([{"shell": {"timeout": "1m"}}]))),
-            &["spec.provisioners[0].shell", "exactly one of inline or scriptFrom"],
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"shell": {"timeout": "1m"}}]),
+                )
+            }),
+            &[
+                "spec.provisioners[0].shell",
+                "exactly one of inline or scriptFrom",
+            ],
         ),
         (
             "no host key policy",
@@ -106,8 +139,17 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
         ),
         (
             "insecureIgnore false and no known_hosts",
-            Box::new(|v| set(v, &["spec", "communicator", "ssh", "hostKey"], json!({"insecureIgnore": false}))),
-            &["spec.communicator.ssh.hostKey", "knownHostsSecretRef or insecureIgnore"],
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "communicator", "ssh", "hostKey"],
+                    json!({"insecureIgnore": false}),
+                )
+            }),
+            &[
+                "spec.communicator.ssh.hostKey",
+                "knownHostsSecretRef or insecureIgnore",
+            ],
         ),
         (
             "null builder without host",
@@ -138,7 +180,13 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
         ),
         (
             "invalid env var name",
-            Box::new(|v| set(v, &["spec", "provisioners", "0", "shell", "env"], json!([{"name": "1-BAD", "value": "x"}]))),
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners", "0", "shell", "env"],
+                    json!([{"name": "1-BAD", "value": "x"}]),
+                )
+            }),
             &["spec.provisioners[0].shell.env[0].name"],
         ),
         (
@@ -172,8 +220,14 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
 
 async fn fails_with(f: &Fixture, name: &str, obj: Value, expect: &[&str]) {
     f.create(&obj).await.unwrap();
-    let ib = f.wait_phase(name, BuildPhase::Failed, Duration::from_secs(45)).await;
-    let msg = ib.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
+    let ib = f
+        .wait_phase(name, BuildPhase::Failed, Duration::from_secs(45))
+        .await;
+    let msg = ib
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
     for e in expect {
         assert!(msg.contains(e), "{name}: message lacks {e:?}: {msg}");
     }
@@ -185,10 +239,18 @@ async fn runtime_problems_fail_the_build_with_a_clear_message() {
     let f = Fixture::new("runtime").await;
 
     let mut missing = f.null_build("missing-secret", shell(&["true"]));
-    set(&mut missing, &["spec", "communicator", "ssh", "privateKeySecretRef"], json!({"name": "nope"}));
+    set(
+        &mut missing,
+        &["spec", "communicator", "ssh", "privateKeySecretRef"],
+        json!({"name": "nope"}),
+    );
 
     let mut wrong_key = f.null_build("wrong-key", shell(&["true"]));
-    set(&mut wrong_key, &["spec", "communicator", "ssh", "privateKeySecretRef"], json!({"name": "wrong-key"}));
+    set(
+        &mut wrong_key,
+        &["spec", "communicator", "ssh", "privateKeySecretRef"],
+        json!({"name": "wrong-key"}),
+    );
 
     let mut mismatch = f.null_build("host-key-mismatch", shell(&["true"]));
     set(
@@ -199,8 +261,16 @@ async fn runtime_problems_fail_the_build_with_a_clear_message() {
 
     let mut unreachable = f.null_build("unreachable", shell(&["true"]));
     // Port 9 (discard) is closed on loopback here: connection refused until the timeout.
-    set(&mut unreachable, &["spec", "communicator", "ssh", "port"], json!(9));
-    set(&mut unreachable, &["spec", "communicator", "ssh", "timeout"], json!("3s"));
+    set(
+        &mut unreachable,
+        &["spec", "communicator", "ssh", "port"],
+        json!(9),
+    );
+    set(
+        &mut unreachable,
+        &["spec", "communicator", "ssh", "timeout"],
+        json!("3s"),
+    );
 
     let missing_cm = f.null_build(
         "missing-configmap",
@@ -218,22 +288,50 @@ async fn runtime_problems_fail_the_build_with_a_clear_message() {
             &f,
             "missing-secret",
             missing,
-            &["spec.communicator.ssh.privateKeySecretRef", "Secret", "nope", "not found"],
+            &[
+                "spec.communicator.ssh.privateKeySecretRef",
+                "Secret",
+                "nope",
+                "not found"
+            ],
         ),
-        fails_with(&f, "wrong-key", wrong_key, &["spec.communicator.ssh", "authentication failed"]),
-        fails_with(&f, "host-key-mismatch", mismatch, &["spec.communicator.ssh.hostKey", "host key"]),
-        fails_with(&f, "unreachable", unreachable, &["spec.communicator.ssh", "refused", "3s"]),
+        fails_with(
+            &f,
+            "wrong-key",
+            wrong_key,
+            &["spec.communicator.ssh", "authentication failed"]
+        ),
+        fails_with(
+            &f,
+            "host-key-mismatch",
+            mismatch,
+            &["spec.communicator.ssh.hostKey", "host key"]
+        ),
+        fails_with(
+            &f,
+            "unreachable",
+            unreachable,
+            &["spec.communicator.ssh", "refused", "timeout of 3s"]
+        ),
         fails_with(
             &f,
             "missing-configmap",
             missing_cm,
-            &["spec.provisioners[0].file.from.configMapKeyRef", "ConfigMap", "absent", "not found"],
+            &[
+                "spec.provisioners[0].file.from.configMapKeyRef",
+                "ConfigMap",
+                "absent",
+                "not found"
+            ],
         ),
         fails_with(
             &f,
             "missing-known-hosts-key",
             missing_key,
-            &["spec.communicator.ssh.hostKey.knownHostsSecretRef", "no key \"other\""],
+            &[
+                "spec.communicator.ssh.hostKey.knownHostsSecretRef",
+                "no key \"other\""
+            ],
         ),
     );
 }

@@ -78,7 +78,9 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
         ]),
     );
     let created = f.create(&build).await.unwrap();
-    let ib = f.wait_phase("web", BuildPhase::Succeeded, Duration::from_secs(60)).await;
+    let ib = f
+        .wait_phase("web", BuildPhase::Succeeded, Duration::from_secs(60))
+        .await;
 
     // What the provisioners did is on the host.
     let out = read(&f.host_dir.join("shell.out"));
@@ -94,10 +96,17 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
     );
     assert!(out.contains("token-ok"), "{out}");
     assert_eq!(read(&f.host_dir.join("app.conf")), "listen = 8080\n");
-    let mode = std::fs::metadata(f.host_dir.join("app.conf")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(f.host_dir.join("app.conf"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o640);
     assert_eq!(read(&f.host_dir.join("token")), secret_value);
-    assert_eq!(read(&f.host_dir.join("script.out")).trim(), "from-configmap");
+    assert_eq!(
+        read(&f.host_dir.join("script.out")).trim(),
+        "from-configmap"
+    );
 
     // Every step is recorded, once.
     let st = ib.status.clone().unwrap();
@@ -123,8 +132,16 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
     // Secrets appear nowhere: status, events, operator logs.
     let events = f.events().await;
     let reasons: Vec<_> = events.iter().filter_map(|e| e.reason.clone()).collect();
-    for r in ["BuildStarted", "StepStarted", "StepSucceeded", "BuildSucceeded"] {
-        assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
+    for r in [
+        "BuildStarted",
+        "StepStarted",
+        "StepSucceeded",
+        "BuildSucceeded",
+    ] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
     }
     let private_key = read(&f.env.ssh_key);
     let key_line = private_key
@@ -137,14 +154,28 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
     // Give the operator a moment to flush what it logs about the final reconcile.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let logs = f.operator.logs();
-    assert!(logs.contains("the token is <redacted>"), "output should be streamed, redacted:\n{}", tail(&logs, 40));
-    for (what, text) in [("status", &status_json), ("events", &events_json), ("operator log", &logs)] {
-        assert!(!text.contains(&secret_value), "secret env value leaked into {what}");
+    assert!(
+        logs.contains("the token is <redacted>"),
+        "output should be streamed, redacted:\n{}",
+        tail(&logs, 40)
+    );
+    for (what, text) in [
+        ("status", &status_json),
+        ("events", &events_json),
+        ("operator log", &logs),
+    ] {
+        assert!(
+            !text.contains(&secret_value),
+            "secret env value leaked into {what}"
+        );
         assert!(!text.contains(&key_line), "private key leaked into {what}");
     }
 
     // Deleting a finished build releases the finalizer.
-    f.api().delete("web", &DeleteParams::default()).await.unwrap();
+    f.api()
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
     f.wait_gone("web", Duration::from_secs(20)).await;
 }
 
@@ -160,7 +191,9 @@ async fn a_failing_command_fails_the_build_with_exit_code_and_output() {
         ]),
     );
     f.create(&build).await.unwrap();
-    let ib = f.wait_phase("broken", BuildPhase::Failed, Duration::from_secs(60)).await;
+    let ib = f
+        .wait_phase("broken", BuildPhase::Failed, Duration::from_secs(60))
+        .await;
     let st = ib.status.clone().unwrap();
     let msg = st.message.clone().unwrap();
     assert!(msg.contains("shell-1"), "{msg}");
@@ -170,12 +203,21 @@ async fn a_failing_command_fails_the_build_with_exit_code_and_output() {
     assert_eq!(condition(&ib, "Stalled").as_deref(), Some("True"));
     assert_eq!(condition(&ib, "Ready").as_deref(), Some("False"));
     assert_eq!(st.steps[1].phase, StepPhase::Failed);
-    assert_eq!(st.steps[2].phase, StepPhase::Pending, "a step after the failure must not run");
+    assert_eq!(
+        st.steps[2].phase,
+        StepPhase::Pending,
+        "a step after the failure must not run"
+    );
     // Cleanup ran over every started step, in reverse, before the build was Failed.
     assert_eq!(st.steps[0].cleanup, CleanupPhase::NotNeeded);
     assert_eq!(st.steps[1].cleanup, CleanupPhase::NotNeeded);
     assert_eq!(st.steps[2].cleanup, CleanupPhase::Pending);
-    let reasons: Vec<_> = f.events().await.into_iter().filter_map(|e| e.reason).collect();
+    let reasons: Vec<_> = f
+        .events()
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
     assert!(reasons.iter().any(|r| r == "StepFailed"), "{reasons:?}");
     assert!(reasons.iter().any(|r| r == "BuildFailed"), "{reasons:?}");
     assert!(!f.host_dir.join("never").exists());
@@ -196,27 +238,46 @@ async fn a_killed_operator_is_replaced_and_the_build_resumes_where_it_was() {
     f.create(&build).await.unwrap();
     let api = f.api();
     let second = f.host_dir.join("second.count");
-    wait_until(Duration::from_secs(30), "the long step to start", || async {
-        let ib = api.get("resume").await.ok()?;
-        let st = ib.status?;
-        (st.steps.get(2)?.phase == StepPhase::Running && second.exists()).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the long step to start",
+        || async {
+            let ib = api.get("resume").await.ok()?;
+            let st = ib.status?;
+            (st.steps.get(2)?.phase == StepPhase::Running && second.exists()).then_some(())
+        },
+    )
     .await;
     f.operator.kill();
     // Let the killed process's remote command finish on its own: the resumed step must
     // still be run by the new operator.
     tokio::time::sleep(Duration::from_secs(1)).await;
     f.restart_operator();
-    let ib = f.wait_phase("resume", BuildPhase::Succeeded, Duration::from_secs(60)).await;
+    let ib = f
+        .wait_phase("resume", BuildPhase::Succeeded, Duration::from_secs(60))
+        .await;
     let st = ib.status.unwrap();
-    assert_eq!(read(&f.host_dir.join("first.count")).lines().count(), 1, "finished steps are not run again");
+    assert_eq!(
+        read(&f.host_dir.join("first.count")).lines().count(),
+        1,
+        "finished steps are not run again"
+    );
     assert_eq!(read(&f.host_dir.join("third.count")).lines().count(), 1);
     assert_eq!(st.steps[0].attempts, 1);
     assert_eq!(st.steps[1].attempts, 1);
-    assert_eq!(st.steps[2].attempts, 2, "the interrupted step was resumed: {:?}", st.steps[2]);
+    assert_eq!(
+        st.steps[2].attempts, 2,
+        "the interrupted step was resumed: {:?}",
+        st.steps[2]
+    );
     assert_eq!(st.steps[3].attempts, 1);
     assert!(f.host_dir.join("second.done").exists());
-    let reasons: Vec<_> = f.events().await.into_iter().filter_map(|e| e.reason).collect();
+    let reasons: Vec<_> = f
+        .events()
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
     assert!(reasons.iter().any(|r| r == "StepResumed"), "{reasons:?}");
 }
 
@@ -237,15 +298,32 @@ async fn deleting_a_build_mid_step_stops_the_step_cleans_up_and_goes() {
     })
     .await;
     let t = Instant::now();
-    f.api().delete("doomed", &DeleteParams::default()).await.unwrap();
+    f.api()
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
     f.wait_gone("doomed", Duration::from_secs(15)).await;
     let took = t.elapsed();
-    assert!(took < Duration::from_secs(6), "deletion waited for the step: {took:?}");
-    let reasons: Vec<_> = f.events().await.into_iter().filter_map(|e| e.reason).collect();
-    assert!(reasons.iter().any(|r| r == "CleanupFinished"), "{reasons:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "deletion waited for the step: {took:?}"
+    );
+    let reasons: Vec<_> = f
+        .events()
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "CleanupFinished"),
+        "{reasons:?}"
+    );
     // The remote command was stopped, not left to run to the end.
     tokio::time::sleep(Duration::from_secs(9)).await;
-    assert!(!f.host_dir.join("finished").exists(), "the remote command kept running after deletion");
+    assert!(
+        !f.host_dir.join("finished").exists(),
+        "the remote command kept running after deletion"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -255,15 +333,26 @@ async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
     let build = f.null_build(
         "reboot",
         json!([
-            // Killing our sshd session process is what a reboot looks like from here.
-            {"shell": {"inline": [format!("touch {dir}/before"), "kill -9 $PPID", "sleep 5"], "expectDisconnect": true}},
+            // Killing our sshd session process (the parent of the login shell that
+            // runs the script) is what a reboot looks like from here.
+            {"shell": {"inline": [format!("touch {dir}/before"), "kill -9 $(ps -o ppid= -p $PPID)", "sleep 5"], "expectDisconnect": true}},
             {"shell": {"inline": [format!("touch {dir}/after")]}},
         ]),
     );
     f.create(&build).await.unwrap();
-    let ib = f.wait_phase("reboot", BuildPhase::Succeeded, Duration::from_secs(60)).await;
+    let ib = f
+        .wait_phase("reboot", BuildPhase::Succeeded, Duration::from_secs(60))
+        .await;
     assert!(f.host_dir.join("before").exists());
     assert!(f.host_dir.join("after").exists());
     let st = ib.status.unwrap();
-    assert!(st.steps[1].message.as_deref().unwrap_or("").contains("reconnected"), "{:?}", st.steps[1]);
+    assert!(
+        st.steps[1]
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("reconnected"),
+        "{:?}",
+        st.steps[1]
+    );
 }

@@ -41,7 +41,12 @@ async fn fifty_builds_at_once_all_succeed() {
             .items
             .iter()
             .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BuildPhase::Failed))
-            .map(|b| (b.name_any(), b.status.as_ref().and_then(|s| s.message.clone())))
+            .map(|b| {
+                (
+                    b.name_any(),
+                    b.status.as_ref().and_then(|s| s.message.clone()),
+                )
+            })
             .collect();
         assert!(failed.is_empty(), "failed builds: {failed:?}");
         if done == n {
@@ -56,9 +61,19 @@ async fn fifty_builds_at_once_all_succeed() {
     }
     let wall = t.elapsed();
     for i in 0..n {
-        assert_eq!(read(&f.host_dir.join(format!("b{i}"))).trim(), format!("b{i}"));
+        assert_eq!(
+            read(&f.host_dir.join(format!("b{i}"))).trim(),
+            format!("b{i}")
+        );
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?").to_string();
-    println!("FIGURES: {n} concurrent null builds: wall {:.1}s, operator peak RSS {hwm}", wall.as_secs_f64());
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("VmHWM: ?")
+        .to_string();
+    println!(
+        "FIGURES: {n} concurrent null builds: wall {:.1}s, operator peak RSS {hwm}",
+        wall.as_secs_f64()
+    );
 }

@@ -29,18 +29,10 @@ pub const BUILD_UID_TAG: &str = "kiln.dev/build-uid";
     category = "kiln",
     status = "ImageBuildStatus",
     doc = "A machine image build, run as durable recorded steps.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Step", type_ = "string", json_path = ".status.currentStep"),
-    printcolumn(
-        name = "Artifact",
-        type_ = "string",
-        json_path = ".status.artifacts[-1:].imageId"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Step","type":"string","jsonPath":".status.currentStep"}"#,
+    printcolumn = r#"{"name":"Artifact","type":"string","jsonPath":".status.artifacts[-1:].imageId"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
@@ -49,6 +41,9 @@ pub const BUILD_UID_TAG: &str = "kiln.dev/build-uid";
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.builder.__null__) || has(self.communicator.ssh.privateKeySecretRef)"
 ).message("communicator.ssh.privateKeySecretRef is required with the null builder"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.builder.amazonEBS) || !has(self.builder.amazonEBS.keyPairName) || has(self.communicator.ssh.privateKeySecretRef)"
+).message("communicator.ssh.privateKeySecretRef is required when builder.amazonEBS.keyPairName is given"))]
 pub struct ImageBuildSpec {
     /// Where the build machine comes from and what is captured at the end.
     pub builder: Builder,
@@ -143,10 +138,88 @@ pub struct AmazonEbsBuilder {
     pub encrypt_boot: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms_key_id: Option<String>,
+    /// Deregister an existing AMI of the same name before creating the new one.
     #[serde(default)]
     pub force_deregister: bool,
+    /// With `forceDeregister`, also delete that AMI's snapshots.
     #[serde(default)]
     pub force_delete_snapshot: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub ami_description: Option<String>,
+    /// Which address of the instance kiln connects to.
+    #[serde(default)]
+    pub ssh_interface: SshInterface,
+    /// Source CIDRs allowed to SSH in through the temporary security group.
+    #[serde(rename = "sshCIDRs", default = "default_ssh_cidrs")]
+    #[schemars(length(min = 1, max = 50))]
+    pub ssh_cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub user_data: Option<String>,
+    /// Block devices of the build instance (and so of the image).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub block_device_mappings: Vec<BlockDevice>,
+    /// Budget for each wait (instance running or stopped, image available, copy).
+    #[serde(default = "default_wait_timeout")]
+    #[x_kube(validation = duration::rule())]
+    #[schemars(length(max = 32))]
+    pub wait_timeout: String,
+    /// First poll interval of a wait; later polls back off up to 4x this.
+    #[serde(default = "default_poll_interval")]
+    #[x_kube(validation = duration::rule())]
+    #[schemars(length(max = 32))]
+    pub poll_interval: String,
+    /// Also write the artifacts to this ConfigMap (Packer's manifest post-processor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_config_map: Option<LocalObjectRef>,
+}
+
+fn default_ssh_cidrs() -> Vec<String> {
+    vec!["0.0.0.0/0".into()]
+}
+fn default_wait_timeout() -> String {
+    "60m".into()
+}
+fn default_poll_interval() -> String {
+    "2s".into()
+}
+
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum SshInterface {
+    #[default]
+    #[serde(rename = "publicIP")]
+    PublicIp,
+    #[serde(rename = "privateIP")]
+    PrivateIp,
+    #[serde(rename = "publicDNS")]
+    PublicDns,
+    #[serde(rename = "privateDNS")]
+    PrivateDns,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockDevice {
+    #[schemars(regex(pattern = r"^/dev/[a-z0-9]+$"))]
+    pub device_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub volume_size: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 16))]
+    pub volume_type: Option<String>,
+    #[serde(default = "default_true")]
+    pub delete_on_termination: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]

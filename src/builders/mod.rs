@@ -1,5 +1,6 @@
 //! Builders turn a spec into the ordered steps of a build.
 
+pub mod amazon;
 pub mod null;
 
 use std::sync::Arc;
@@ -24,7 +25,7 @@ pub enum PlanError {
 pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
     match (&spec.builder.null, &spec.builder.amazon_ebs) {
         (Some(_), None) => null::plan(spec),
-        (None, Some(_)) => Err(PlanError::Unsupported),
+        (None, Some(_)) => amazon::plan(spec),
         _ => Err(PlanError::NoBuilder),
     }
 }

@@ -32,9 +32,7 @@ impl Step for ConnectStep {
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             let target = connect::target(ctx).await?;
-            let session = crate::communicator::ssh::connect(&target, &ctx.cancel)
-                .await
-                .map_err(connect::ssh_error)?;
+            let session = connect::connect(ctx, &target).await?;
             session.close().await;
             let mut out = StepOutput {
                 message: Some(format!(

@@ -1,1 +1,3 @@
+//! Ways of talking to a build machine.
+
 pub mod ssh;

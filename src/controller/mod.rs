@@ -231,6 +231,12 @@ async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Re
                                 spec: Arc::new(obj.spec.clone()),
                                 client: ctx.client.clone(),
                                 record,
+                                outputs: decision
+                                    .status
+                                    .steps
+                                    .iter()
+                                    .flat_map(|r| r.outputs.clone())
+                                    .collect(),
                                 outcome: outcome(&decision.status, deleting, generation),
                             },
                         )

@@ -91,18 +91,18 @@ pub fn advance(input: &Input<'_>) -> Decision {
     match input.task {
         TaskState::Running { cancelling, .. } => {
             let superseded = s.observed_generation.is_some_and(|g| g != input.generation);
-            if (input.deleting || superseded) && !cancelling {
-                if let TaskState::Running {
-                    key:
-                        TaskKey {
-                            kind: TaskKind::Run,
-                            ..
-                        },
+            let is_run = matches!(
+                input.task,
+                TaskState::Running {
+                    key: TaskKey {
+                        kind: TaskKind::Run,
+                        ..
+                    },
                     ..
-                } = input.task
-                {
-                    d.actions.push(Action::Cancel);
                 }
+            );
+            if (input.deleting || superseded) && !cancelling && is_run {
+                d.actions.push(Action::Cancel);
             }
             finish(&mut d, input);
             return d;
@@ -508,9 +508,7 @@ fn finish(d: &mut Decision, input: &Input<'_>) {
     } else {
         phase.map_or("Pending", BuildPhase::as_str)
     };
-    let ready_msg = if ready {
-        msg.clone()
-    } else if current && phase == Some(BuildPhase::Failed) {
+    let ready_msg = if ready || (current && phase == Some(BuildPhase::Failed)) {
         msg.clone()
     } else {
         format!("building generation {}", input.generation)

@@ -58,6 +58,8 @@ pub struct CleanupContext {
     pub spec: Arc<ImageBuildSpec>,
     pub client: Client,
     pub record: StepRecord,
+    /// Outputs of every step of the build, merged in order.
+    pub outputs: BTreeMap<String, String>,
     pub outcome: BuildOutcome,
 }
 

@@ -16,6 +16,9 @@ use tracing::Instrument;
 use super::advance::{TaskKey, TaskKind, TaskResult, TaskState};
 use super::{CleanupContext, Step, StepContext, StepError};
 
+/// How long a cancelled step gets to wind down before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(15);
+
 /// Identifies a build to wake when its task finishes (namespace, name).
 pub type WakeKey = (String, String);
 
@@ -164,10 +167,15 @@ async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskR
         (TaskKind::Run, Work::Run(step, ctx)) => {
             tracing::info!(attempt = key.attempt, "step started");
             let started = std::time::Instant::now();
-            let fut: BoxFuture<'_, _> = step.run(&ctx);
+            let mut fut: BoxFuture<'_, _> = step.run(&ctx);
             let out = tokio::select! {
-                r = fut => r,
-                () = cancel.cancelled() => Err(StepError::Cancelled),
+                r = &mut fut => r,
+                () = cancel.cancelled() => {
+                    // The step sees the same token: let it stop its remote command
+                    // (TERM, then KILL) instead of dropping it mid-flight.
+                    let _ = tokio::time::timeout(CANCEL_GRACE, &mut fut).await;
+                    Err(StepError::Cancelled)
+                }
             };
             match &out {
                 Ok(_) => tracing::info!(

@@ -116,13 +116,37 @@ pub fn parse_duration(text: &str, field: &str) -> Result<Duration, StepError> {
 
 pub async fn open(ctx: &StepContext) -> Result<Session, StepError> {
     let target = target(ctx).await?;
-    ssh::connect(&target, &ctx.cancel).await.map_err(ssh_error)
+    connect(ctx, &target).await
 }
 
-/// Every SSH failure fails the step; `connect` already retried what was transient.
+/// Connects with retry; a timeout names the setting that bounds it.
+pub async fn connect(ctx: &StepContext, target: &Target) -> Result<Session, StepError> {
+    ssh::connect(target, &ctx.cancel).await.map_err(|e| match e {
+        ssh::SshError::Timeout { .. } => StepError::Failed(format!(
+            "spec.communicator.ssh: no SSH connection within the timeout of {} (spec.communicator.ssh.timeout): {e}",
+            ctx.spec.communicator.ssh.timeout
+        )),
+        other => ssh_error(other),
+    })
+}
+
+/// Every SSH failure fails the step (`connect` already retried what was
+/// transient), with the spec field a user would fix.
 pub fn ssh_error(e: ssh::SshError) -> StepError {
-    match e {
-        ssh::SshError::Cancelled => StepError::Cancelled,
-        other => StepError::Failed(format!("ssh: {other}")),
-    }
+    use ssh::SshError as E;
+    let field = match &e {
+        E::Cancelled => return StepError::Cancelled,
+        E::AuthFailed { .. } | E::InvalidPrivateKey(_) => {
+            "spec.communicator.ssh.privateKeySecretRef"
+        }
+        E::HostKeyMismatch { .. }
+        | E::HostKeyUnknown { .. }
+        | E::HostKeyRevoked { .. }
+        | E::InvalidKnownHosts(_) => "spec.communicator.ssh.hostKey",
+        E::Refused { .. } | E::Unreachable { .. } | E::Handshake { .. } | E::Timeout { .. } => {
+            "spec.communicator.ssh"
+        }
+        _ => "ssh",
+    };
+    StepError::Failed(format!("{field}: {e}"))
 }

@@ -131,11 +131,30 @@ impl ShellStep {
         let script_path = format!("{base}.sh");
         let env_path = format!("{base}.env");
         let session = connect::open(ctx).await?;
+        // Written through stdin rather than SFTP: no sftp-server per file, and the
+        // files are private (umask 077) from the moment they exist.
+        let write = |path: &str, mode: &str| {
+            format!(
+                "umask 077 && cat > {p} && chmod {mode} {p}",
+                p = shell_quote(path)
+            )
+        };
         let upload = async {
-            session
-                .upload(&env_path, env_file.as_bytes(), 0o600)
-                .await?;
-            session.upload(&script_path, script.as_bytes(), 0o700).await
+            for (path, mode, body) in [
+                (&env_path, "600", &env_file),
+                (&script_path, "700", &script),
+            ] {
+                let r = session
+                    .exec_with_input(&write(path, mode), body.as_bytes(), |_, _| {}, &ctx.cancel)
+                    .await?;
+                if r.exit_code != Some(0) {
+                    return Err(crate::communicator::ssh::SshError::Sftp {
+                        path: path.clone(),
+                        detail: format!("writing it exited with {:?}", r.exit_code),
+                    });
+                }
+            }
+            Ok(())
         };
         if let Err(e) = upload.await {
             session.close().await;

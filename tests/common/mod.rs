@@ -92,7 +92,11 @@ pub async fn client_from(path: &Path) -> Client {
 /// Applies multi-document YAML by server-side apply, resolving kinds by discovery.
 pub async fn apply_yaml(client: &Client, text: &str) {
     for doc in text.split("\n---") {
-        if doc.trim().is_empty() || doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        if doc.trim().is_empty()
+            || doc
+                .lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
             continue;
         }
         let obj: DynamicObject = serde_yaml::from_str(doc).expect("yaml object");
@@ -100,13 +104,21 @@ pub async fn apply_yaml(client: &Client, text: &str) {
         let gvk = GroupVersionKind::try_from(&tm).expect("gvk");
         let (ar, caps) = pinned_kind(client, &gvk).await.expect("discovery");
         let api: Api<DynamicObject> = match (caps.scope, obj.metadata.namespace.as_deref()) {
-            (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
-            (kube::discovery::Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &ar),
+            (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                Api::namespaced_with(client.clone(), ns, &ar)
+            }
+            (kube::discovery::Scope::Namespaced, None) => {
+                Api::default_namespaced_with(client.clone(), &ar)
+            }
             (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
         };
-        api.patch(&obj.name_any(), &PatchParams::apply("kiln-tests").force(), &Patch::Apply(&obj))
-            .await
-            .unwrap_or_else(|e| panic!("applying {} {}: {e}", tm.kind, obj.name_any()));
+        api.patch(
+            &obj.name_any(),
+            &PatchParams::apply("kiln-tests").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {} {}: {e}", tm.kind, obj.name_any()));
     }
 }
 
@@ -116,14 +128,24 @@ pub async fn install(env: &TestEnv) -> PathBuf {
     let client = env.admin().await;
     let crd = std::fs::read_to_string(repo_root().join("crds/imagebuilds.kiln.dev.yaml")).unwrap();
     apply_yaml(&client, &crd).await;
-    for f in ["namespace", "service_account", "cluster_role", "cluster_role_binding"] {
-        let text = std::fs::read_to_string(repo_root().join(format!("config/rbac/{f}.yaml"))).unwrap();
+    for f in [
+        "namespace",
+        "service_account",
+        "cluster_role",
+        "cluster_role_binding",
+    ] {
+        let text =
+            std::fs::read_to_string(repo_root().join(format!("config/rbac/{f}.yaml"))).unwrap();
         apply_yaml(&client, &text).await;
     }
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     wait_until(Duration::from_secs(30), "CRD established", || async {
         let c = crds.get("imagebuilds.kiln.dev").await.ok()?;
-        let ok = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+        let ok = c
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
         ok.then_some(())
     })
     .await;
@@ -156,7 +178,9 @@ pub async fn install(env: &TestEnv) -> PathBuf {
         "contexts": [{"name": "kiln", "context": {"cluster": "test", "user": "kiln"}}],
         "current-context": "kiln",
     });
-    let path = env.dir.join(format!("operator-kubeconfig-{}", std::process::id()));
+    let path = env
+        .dir
+        .join(format!("operator-kubeconfig-{}", std::process::id()));
     std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
     path
 }
@@ -220,14 +244,19 @@ impl Operator {
     /// SIGTERM and wait for a graceful exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let c = self.child.as_mut().expect("running");
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let start = Instant::now();
         loop {
             if let Ok(Some(s)) = c.try_wait() {
                 self.child = None;
                 return s;
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "operator did not exit on SIGTERM");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "operator did not exit on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -292,6 +321,12 @@ impl Fixture {
         let operator = Operator::start(&operator_kubeconfig, &ns, &logs.join(format!("{ns}.log")));
         let host_dir = std::env::temp_dir().join("kiln-it").join(&ns);
         std::fs::create_dir_all(&host_dir).unwrap();
+        // The SSH user of the test sshd is not necessarily us.
+        std::fs::set_permissions(
+            &host_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
         Fixture {
             env,
             client,
@@ -376,7 +411,8 @@ impl Fixture {
     }
 
     pub async fn events(&self) -> Vec<k8s_openapi::api::events::v1::Event> {
-        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
         api.list(&Default::default()).await.unwrap().items
     }
 }
@@ -402,5 +438,85 @@ pub fn short_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("{:x}{}", (nanos ^ std::process::id()) & 0xfffff, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{}",
+        (nanos ^ std::process::id()) & 0xfffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The EC2 test server (tests/ec2server): its endpoint and control API.
+pub struct Ec2Server {
+    pub endpoint: String,
+}
+
+impl Ec2Server {
+    pub fn from_env(env: &TestEnv) -> Ec2Server {
+        let text = std::fs::read_to_string(env.dir.join("env.sh")).unwrap();
+        let endpoint = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("export KILN_EC2_ENDPOINT="))
+            .map(|v| v.trim_matches('"').trim_matches('\'').to_string())
+            .expect("KILN_EC2_ENDPOINT in env.sh: the EC2 test server is not running");
+        Ec2Server { endpoint }
+    }
+
+    /// A minimal HTTP/1.1 client: the control API is JSON on loopback.
+    pub fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        use std::io::{Read, Write};
+        let hostport = self
+            .endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
+        let mut s = std::net::TcpStream::connect(hostport).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        assert!(
+            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+            "{method} {path}: {head}\n{rest}"
+        );
+        let rest = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(rest)
+        } else {
+            rest.to_string()
+        };
+        serde_json::from_str(&rest).unwrap_or(Value::Null)
+    }
+
+    pub async fn client(&self, region: &str) -> aws_sdk_ec2::Client {
+        let creds = aws_credential_types::Credentials::new("test", "test", None, None, "tests");
+        let conf = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(creds)
+            .http_client(kiln::builders::amazon::http_client())
+            .build();
+        aws_sdk_ec2::Client::from_conf(conf)
+    }
+}
+
+fn dechunk(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some((len, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = &tail[n + 2..];
+    }
+    out
 }

@@ -1,0 +1,143 @@
+//! EC2 clients from the spec: credentials from a Secret or the default AWS chain,
+//! an optional endpoint, retries with backoff and jitter for throttling and 5xx.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_credential_types::Credentials;
+use aws_sdk_ec2::config::Region;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+
+use crate::api::AmazonEbsBuilder;
+use crate::engine::StepError;
+use crate::refs;
+
+#[derive(Clone)]
+pub struct Ec2 {
+    pub client: aws_sdk_ec2::Client,
+    pub region: String,
+}
+
+/// An EC2 error reduced to what a user needs: the action, AWS's code and message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("ec2 {action}: {code}: {message}")]
+pub struct AwsError {
+    pub action: &'static str,
+    pub code: String,
+    pub message: String,
+}
+
+impl AwsError {
+    pub fn from_sdk<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+        action: &'static str,
+        e: SdkError<E, R>,
+    ) -> Self {
+        let (code, message) = match (e.code(), e.message()) {
+            (Some(c), m) => (c.to_string(), m.unwrap_or("").to_string()),
+            (None, _) => (
+                "RequestFailed".to_string(),
+                aws_sdk_ec2::error::DisplayErrorContext(&e).to_string(),
+            ),
+        };
+        AwsError {
+            action,
+            code,
+            message,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.code.ends_with(".NotFound") || self.code == "InvalidAMIID.Unavailable"
+    }
+
+    pub fn is(&self, code: &str) -> bool {
+        self.code == code
+    }
+
+    /// The SDK already retried throttling and 5xx; what is left fails a run.
+    pub fn fail(self) -> StepError {
+        StepError::Failed(self.to_string())
+    }
+
+    /// In cleanup everything is retried: leaking is worse than trying again.
+    pub fn retry(self) -> StepError {
+        StepError::Transient(self.to_string())
+    }
+}
+
+pub const SECRET_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+pub const SECRET_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
+pub const SECRET_SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
+
+impl Ec2 {
+    pub async fn new(
+        ebs: &AmazonEbsBuilder,
+        kube: &kube::Client,
+        namespace: &str,
+        region: &str,
+    ) -> Result<Ec2, StepError> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client())
+            .region(Region::new(region.to_string()))
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(10)
+                    .with_initial_backoff(Duration::from_millis(100))
+                    .with_max_backoff(Duration::from_secs(10)),
+            )
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .connect_timeout(Duration::from_secs(5))
+                    .build(),
+            );
+        if let Some(creds) = &ebs.credentials {
+            let name = &creds.secret_ref.name;
+            let field = "spec.builder.amazonEBS.credentials.secretRef";
+            let get = |key: &'static str| refs::secret_key(kube, namespace, name, key, field);
+            let id = get(SECRET_ACCESS_KEY_ID)
+                .await
+                .map_err(|e| StepError::Failed(e.to_string()))?;
+            let secret = get(SECRET_SECRET_ACCESS_KEY)
+                .await
+                .map_err(|e| StepError::Failed(e.to_string()))?;
+            let token = match get(SECRET_SESSION_TOKEN).await {
+                Ok(t) => Some(utf8(t.0, field)?),
+                Err(refs::RefError::MissingKey { .. }) => None,
+                Err(e) => return Err(StepError::Failed(e.to_string())),
+            };
+            loader = loader.credentials_provider(Credentials::new(
+                utf8(id.0, field)?,
+                utf8(secret.0, field)?,
+                token,
+                None,
+                "kiln-secret",
+            ));
+        }
+        if let Some(endpoint) = &ebs.endpoint {
+            loader = loader.endpoint_url(endpoint.clone());
+        }
+        let config = loader.load().await;
+        Ok(Ec2 {
+            client: aws_sdk_ec2::Client::new(&config),
+            region: region.to_string(),
+        })
+    }
+}
+
+/// HTTPS for the AWS SDK: rustls with ring and the system's trust roots.
+pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
+    use aws_smithy_http_client::tls;
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+fn utf8(b: Vec<u8>, field: &str) -> Result<String, StepError> {
+    String::from_utf8(b)
+        .map(|s| s.trim().to_string())
+        .map_err(|_| StepError::Failed(format!("{field}: credentials are not UTF-8 text")))
+}

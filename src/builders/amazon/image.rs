@@ -1,0 +1,490 @@
+//! Capturing the image: optional replacement of a same-named AMI, CreateImage,
+//! copies to other regions, and the optional manifest ConfigMap. Images are
+//! artifacts: cleanup removes them only when the build did not succeed.
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+
+use super::{AwsError, Ec2, KIND, client_token, ebs, filter, out, tag_spec, tags, wait_for, waits};
+use crate::api::{Artifact, BUILD_UID_TAG, ResourceRecord};
+use crate::engine::{
+    BuildFacts, BuildOutcome, CleanupContext, Step, StepContext, StepError, StepOutput,
+};
+
+fn output<'a>(outputs: &'a BTreeMap<String, String>, key: &str) -> Result<&'a String, StepError> {
+    outputs
+        .get(key)
+        .ok_or_else(|| StepError::Failed(format!("internal: no {key} recorded by an earlier step")))
+}
+
+fn image_key(region: &str) -> String {
+    format!("{}.{region}", out::IMAGE_ID)
+}
+
+/// Images named `name` owned by this account; with their tags and snapshots.
+struct Found {
+    id: String,
+    ours: bool,
+    snapshots: Vec<String>,
+}
+
+async fn find_by_name(ec2: &Ec2, name: &str, facts: &BuildFacts) -> Result<Vec<Found>, AwsError> {
+    let r = ec2
+        .client
+        .describe_images()
+        .owners("self")
+        .filters(filter("name", name))
+        .send()
+        .await
+        .map_err(|e| AwsError::from_sdk("DescribeImages", e))?;
+    Ok(r.images()
+        .iter()
+        .filter_map(|i| {
+            let id = i.image_id()?.to_string();
+            let ours = i
+                .tags()
+                .iter()
+                .any(|t| t.key() == Some(BUILD_UID_TAG) && t.value() == Some(facts.uid.as_str()));
+            Some(Found {
+                id,
+                ours,
+                snapshots: snapshots_of(i),
+            })
+        })
+        .collect())
+}
+
+fn snapshots_of(i: &aws_sdk_ec2::types::Image) -> Vec<String> {
+    i.block_device_mappings()
+        .iter()
+        .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()).map(str::to_string))
+        .collect()
+}
+
+/// Waits until the image is available; returns its snapshot IDs.
+async fn wait_available(
+    ec2: &Ec2,
+    id: &str,
+    ctx_cancel: &tokio_util::sync::CancellationToken,
+    w: &super::Waits,
+) -> Result<Vec<String>, StepError> {
+    let what = format!("image {id} in {} to become available", ec2.region);
+    wait_for(&what, w, ctx_cancel, || async {
+        let r = ec2
+            .client
+            .describe_images()
+            .image_ids(id)
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DescribeImages", e).fail())?;
+        let Some(i) = r.images().first() else {
+            return Ok(None);
+        };
+        use aws_sdk_ec2::types::ImageState as S;
+        match i.state() {
+            Some(S::Available) => Ok(Some(snapshots_of(i))),
+            Some(S::Failed | S::Error | S::Invalid | S::Deregistered) => {
+                Err(StepError::Failed(format!(
+                    "image {id} is {}: {}",
+                    i.state().map(|s| s.as_str()).unwrap_or("?"),
+                    i.state_reason()
+                        .and_then(|r| r.message())
+                        .unwrap_or("no reason given")
+                )))
+            }
+            _ => Ok(None),
+        }
+    })
+    .await
+}
+
+async fn tag(ec2: &Ec2, ids: &[String], t: &[aws_sdk_ec2::types::Tag]) -> Result<(), StepError> {
+    if ids.is_empty() || t.is_empty() {
+        return Ok(());
+    }
+    ec2.client
+        .create_tags()
+        .set_resources(Some(ids.to_vec()))
+        .set_tags(Some(t.to_vec()))
+        .send()
+        .await
+        .map_err(|e| AwsError::from_sdk("CreateTags", e).fail())?;
+    Ok(())
+}
+
+/// Records the image and its snapshots, tags them and describes the artifact.
+async fn finish_image(
+    ctx: &StepContext,
+    ec2: &Ec2,
+    id: &str,
+    snapshots: Vec<String>,
+) -> Result<StepOutput, StepError> {
+    let ebs = ebs(&ctx.spec)?;
+    for s in &snapshots {
+        ctx.record(ResourceRecord {
+            kind: "Snapshot".into(),
+            id: s.clone(),
+            region: Some(ec2.region.clone()),
+            created: true,
+        })
+        .await?;
+    }
+    tag(ec2, &[id.to_string()], &tags(&ctx.facts, &ebs.tags)).await?;
+    tag(ec2, &snapshots, &tags(&ctx.facts, &ebs.snapshot_tags)).await?;
+    let mut o = StepOutput {
+        message: Some(format!("{id} is available in {}", ec2.region)),
+        ..Default::default()
+    };
+    o.artifacts.push(Artifact {
+        generation: ctx.facts.generation,
+        builder: KIND.into(),
+        region: Some(ec2.region.clone()),
+        image_id: Some(id.to_string()),
+        snapshot_ids: snapshots.clone(),
+        source_image_id: ctx.outputs.get(out::SOURCE_AMI).cloned(),
+        created_at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+    });
+    o.outputs.insert(image_key(&ec2.region), id.to_string());
+    o.outputs
+        .insert(format!("snapshot_ids.{}", ec2.region), snapshots.join(","));
+    Ok(o)
+}
+
+/// Removes this build's images (recorded, or found by name and our tag) and their
+/// snapshots, unless the build succeeded: then they are the artifact.
+fn remove_images<'a>(
+    ctx: &'a CleanupContext,
+    region: &'a str,
+) -> BoxFuture<'a, Result<(), StepError>> {
+    Box::pin(async move {
+        if ctx.outcome == BuildOutcome::Succeeded {
+            return Ok(());
+        }
+        let ebs = ebs(&ctx.spec)?;
+        let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, region).await?;
+        let mut images: Vec<String> = Vec::new();
+        let mut snapshots: Vec<String> = Vec::new();
+        for r in ctx.record.resources.iter().filter(|r| r.created) {
+            match r.kind.as_str() {
+                "Image" => images.push(r.id.clone()),
+                "Snapshot" => snapshots.push(r.id.clone()),
+                _ => {}
+            }
+        }
+        if let Some(name) = ctx.outputs.get(out::AMI_NAME) {
+            for f in find_by_name(&ec2, name, &ctx.facts)
+                .await
+                .map_err(AwsError::retry)?
+            {
+                if f.ours && !images.contains(&f.id) {
+                    images.push(f.id);
+                }
+            }
+        }
+        for id in &images {
+            // Snapshots are only known once the image exists: look them up first.
+            if let Ok(r) = ec2.client.describe_images().image_ids(id).send().await {
+                for i in r.images() {
+                    for s in snapshots_of(i) {
+                        if !snapshots.contains(&s) {
+                            snapshots.push(s);
+                        }
+                    }
+                }
+            }
+            if let Err(e) = ec2.client.deregister_image().image_id(id).send().await {
+                let e = AwsError::from_sdk("DeregisterImage", e);
+                if !e.is_not_found() {
+                    return Err(e.retry());
+                }
+            }
+        }
+        for s in &snapshots {
+            if let Err(e) = ec2.client.delete_snapshot().snapshot_id(s).send().await {
+                let e = AwsError::from_sdk("DeleteSnapshot", e);
+                if !e.is_not_found() {
+                    return Err(e.retry());
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub struct CreateImage;
+
+impl Step for CreateImage {
+    fn name(&self) -> &str {
+        "create-image"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let w = waits(ebs)?;
+            let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
+            let instance = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
+            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let existing = find_by_name(&ec2, &name, &ctx.facts)
+                .await
+                .map_err(AwsError::fail)?;
+            let id = match existing.iter().find(|f| f.ours) {
+                Some(f) => f.id.clone(),
+                None => {
+                    let mut req = ec2
+                        .client
+                        .create_image()
+                        .instance_id(&instance)
+                        .name(&name)
+                        .tag_specifications(tag_spec(
+                            aws_sdk_ec2::types::ResourceType::Image,
+                            &tags(&ctx.facts, &ebs.tags),
+                        ))
+                        .tag_specifications(tag_spec(
+                            aws_sdk_ec2::types::ResourceType::Snapshot,
+                            &tags(&ctx.facts, &ebs.snapshot_tags),
+                        ));
+                    if let Some(d) = &ebs.ami_description {
+                        req = req.description(d);
+                    }
+                    let r = req
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::from_sdk("CreateImage", e).fail())?;
+                    r.image_id()
+                        .ok_or_else(|| {
+                            StepError::Failed("CreateImage returned no image ID".into())
+                        })?
+                        .to_string()
+                }
+            };
+            ctx.record(ResourceRecord {
+                kind: "Image".into(),
+                id: id.clone(),
+                region: Some(ebs.region.clone()),
+                created: true,
+            })
+            .await?;
+            let snapshots = wait_available(&ec2, &id, &ctx.cancel, &w).await?;
+            let mut o = finish_image(ctx, &ec2, &id, snapshots).await?;
+            o.outputs.insert(out::IMAGE_ID.into(), id);
+            Ok(o)
+        })
+    }
+
+    fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let region = ebs(&ctx.spec)?.region.clone();
+            remove_images(ctx, &region).await
+        })
+    }
+
+    fn needs_cleanup(&self, _record: &crate::api::StepRecord) -> bool {
+        true
+    }
+}
+
+pub struct CopyImage {
+    pub name: String,
+    pub region: String,
+}
+
+impl Step for CopyImage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let w = waits(ebs)?;
+            let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
+            let source = output(&ctx.outputs, out::IMAGE_ID)?.clone();
+            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &self.region).await?;
+            let existing = find_by_name(&ec2, &name, &ctx.facts)
+                .await
+                .map_err(AwsError::fail)?;
+            let id = match existing.iter().find(|f| f.ours) {
+                Some(f) => f.id.clone(),
+                None => {
+                    let mut req = ec2
+                        .client
+                        .copy_image()
+                        .source_image_id(&source)
+                        .source_region(&ebs.region)
+                        .name(&name)
+                        .client_token(client_token(
+                            &ctx.facts.uid,
+                            ctx.facts.generation,
+                            &format!("copy-{}", self.region),
+                        ))
+                        .tag_specifications(tag_spec(
+                            aws_sdk_ec2::types::ResourceType::Image,
+                            &tags(&ctx.facts, &ebs.tags),
+                        ));
+                    if let Some(d) = &ebs.ami_description {
+                        req = req.description(d);
+                    }
+                    if ebs.encrypt_boot || ebs.kms_key_id.is_some() {
+                        req = req.encrypted(true);
+                    }
+                    if let Some(k) = &ebs.kms_key_id {
+                        req = req.kms_key_id(k);
+                    }
+                    let r = req
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::from_sdk("CopyImage", e).fail())?;
+                    r.image_id()
+                        .ok_or_else(|| StepError::Failed("CopyImage returned no image ID".into()))?
+                        .to_string()
+                }
+            };
+            ctx.record(ResourceRecord {
+                kind: "Image".into(),
+                id: id.clone(),
+                region: Some(self.region.clone()),
+                created: true,
+            })
+            .await?;
+            let snapshots = wait_available(&ec2, &id, &ctx.cancel, &w).await?;
+            finish_image(ctx, &ec2, &id, snapshots).await
+        })
+    }
+
+    fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
+        remove_images(ctx, &self.region)
+    }
+
+    fn needs_cleanup(&self, _record: &crate::api::StepRecord) -> bool {
+        true
+    }
+}
+
+/// With `forceDeregister`: removes an existing AMI of the same name (and with
+/// `forceDeleteSnapshot` its snapshots) in every target region. Only images of
+/// exactly that name owned by this account are touched.
+pub struct DeregisterExisting;
+
+impl Step for DeregisterExisting {
+    fn name(&self) -> &str {
+        "deregister-existing"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
+            let mut regions = vec![ebs.region.clone()];
+            regions.extend(ebs.ami_regions.iter().cloned());
+            let mut o = StepOutput::default();
+            let mut removed = Vec::new();
+            for region in regions {
+                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                for f in find_by_name(&ec2, &name, &ctx.facts)
+                    .await
+                    .map_err(AwsError::fail)?
+                {
+                    if let Err(e) = ec2.client.deregister_image().image_id(&f.id).send().await {
+                        let e = AwsError::from_sdk("DeregisterImage", e);
+                        if !e.is_not_found() {
+                            return Err(e.fail());
+                        }
+                    }
+                    if ebs.force_delete_snapshot {
+                        for s in &f.snapshots {
+                            if let Err(e) = ec2.client.delete_snapshot().snapshot_id(s).send().await
+                            {
+                                let e = AwsError::from_sdk("DeleteSnapshot", e);
+                                if !e.is_not_found() {
+                                    return Err(e.fail());
+                                }
+                            }
+                        }
+                    }
+                    o.resources.push(ResourceRecord {
+                        kind: "Image".into(),
+                        id: f.id.clone(),
+                        region: Some(region.clone()),
+                        created: false,
+                    });
+                    removed.push(format!("{} in {region}", f.id));
+                }
+            }
+            o.message = Some(if removed.is_empty() {
+                format!("no AMI named {name:?} to replace")
+            } else {
+                format!("deregistered {}", removed.join(", "))
+            });
+            Ok(o)
+        })
+    }
+}
+
+/// Writes this build's artifacts to the ConfigMap `manifestConfigMap` names.
+pub struct Manifest;
+
+impl Step for Manifest {
+    fn name(&self) -> &str {
+        "manifest"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let Some(cm) = &ebs.manifest_config_map else {
+                return Ok(StepOutput::default());
+            };
+            let mut regions = vec![ebs.region.clone()];
+            regions.extend(ebs.ami_regions.iter().cloned());
+            let artifacts: Vec<_> = regions
+                .iter()
+                .filter_map(|r| {
+                    let id = ctx.outputs.get(&image_key(r))?;
+                    let snaps: Vec<&str> = ctx
+                        .outputs
+                        .get(&format!("snapshot_ids.{r}"))
+                        .map(|s| s.split(',').filter(|s| !s.is_empty()).collect())
+                        .unwrap_or_default();
+                    Some(serde_json::json!({"region": r, "imageId": id, "snapshotIds": snaps}))
+                })
+                .collect();
+            let manifest = serde_json::json!({
+                "build": format!("{}/{}", ctx.facts.namespace, ctx.facts.name),
+                "generation": ctx.facts.generation,
+                "builder": KIND,
+                "amiName": ctx.outputs.get(out::AMI_NAME),
+                "sourceImageId": ctx.outputs.get(out::SOURCE_AMI),
+                "artifacts": artifacts,
+            });
+            let body = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": cm.name, "labels": {"app.kubernetes.io/managed-by": "kiln"}},
+                "data": {"manifest.json": manifest.to_string()},
+            });
+            let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.facts.namespace);
+            api.patch(
+                &cm.name,
+                &PatchParams::apply(crate::controller::MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(|e| {
+                StepError::Failed(format!(
+                    "spec.builder.amazonEBS.manifestConfigMap: writing ConfigMap {}: {e}",
+                    cm.name
+                ))
+            })?;
+            Ok(StepOutput {
+                message: Some(format!("artifacts written to ConfigMap {}", cm.name)),
+                ..Default::default()
+            })
+        })
+    }
+}

@@ -1,0 +1,236 @@
+//! amazon-ebs: Packer's flow as durable, recorded steps on aws-sdk-ec2.
+//!
+//! Every resource is tagged `kiln.dev/build-uid` (or has a name derived from the
+//! build's UID) and recorded in status before anything waits on it, so a resumed
+//! step finds what an earlier attempt made instead of making a second one.
+
+mod client;
+mod image;
+mod instance;
+mod key_pair;
+mod security_group;
+mod source;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use client::{AwsError, Ec2, http_client};
+
+use super::{PlanError, provisioner_steps};
+use crate::api::{AmazonEbsBuilder, ImageBuildSpec, duration};
+use crate::builders::null::ConnectStep;
+use crate::engine::{Plan, StepError};
+
+pub const KIND: &str = "amazon-ebs";
+
+/// Step output keys shared between amazon steps.
+pub mod out {
+    pub const AMI_NAME: &str = "ami_name";
+    pub const SOURCE_AMI: &str = "source_ami";
+    pub const KEY_PAIR: &str = "key_pair_name";
+    pub const SECURITY_GROUPS: &str = "security_group_ids";
+    pub const INSTANCE_ID: &str = "instance_id";
+    pub const REGION: &str = "region";
+    pub const IMAGE_ID: &str = "image_id";
+}
+
+pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
+    let Some(ebs) = &spec.builder.amazon_ebs else {
+        return Err(PlanError::NoBuilder);
+    };
+    let mut steps: Plan = vec![
+        Arc::new(source::PreValidate),
+        Arc::new(source::SourceImage),
+        Arc::new(key_pair::KeyPairStep),
+        Arc::new(security_group::SecurityGroupStep),
+        Arc::new(instance::RunInstance),
+        Arc::new(instance::InstanceReady),
+        Arc::new(ConnectStep),
+    ];
+    steps.extend(provisioner_steps(&spec.provisioners)?);
+    steps.push(Arc::new(instance::StopInstance));
+    if ebs.force_deregister {
+        steps.push(Arc::new(image::DeregisterExisting));
+    }
+    steps.push(Arc::new(image::CreateImage));
+    let mut seen = vec![ebs.region.clone()];
+    for region in &ebs.ami_regions {
+        if seen.contains(region) {
+            continue;
+        }
+        seen.push(region.clone());
+        steps.push(Arc::new(image::CopyImage {
+            name: format!("copy-image-{region}"),
+            region: region.clone(),
+        }));
+    }
+    if ebs.manifest_config_map.is_some() {
+        steps.push(Arc::new(image::Manifest));
+    }
+    Ok(steps)
+}
+
+/// The amazon section of the spec, or a step failure if it is gone.
+pub fn ebs(spec: &ImageBuildSpec) -> Result<&AmazonEbsBuilder, StepError> {
+    spec.builder
+        .amazon_ebs
+        .as_ref()
+        .ok_or_else(|| StepError::Failed("spec.builder.amazonEBS: not set".into()))
+}
+
+pub struct Waits {
+    pub timeout: Duration,
+    pub poll: Duration,
+}
+
+pub fn waits(ebs: &AmazonEbsBuilder) -> Result<Waits, StepError> {
+    let timeout = duration::parse(&ebs.wait_timeout)
+        .map_err(|e| StepError::Failed(format!("spec.builder.amazonEBS.waitTimeout: {e}")))?;
+    let poll = duration::parse(&ebs.poll_interval)
+        .map_err(|e| StepError::Failed(format!("spec.builder.amazonEBS.pollInterval: {e}")))?;
+    Ok(Waits {
+        timeout,
+        poll: poll.max(Duration::from_millis(50)),
+    })
+}
+
+/// Polls `check` until it yields a value, backing off from `poll` to 4x `poll`,
+/// within the budget. The task, not a controller worker, does the waiting.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    waits: &Waits,
+    cancel: &tokio_util::sync::CancellationToken,
+    mut check: F,
+) -> Result<T, StepError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, StepError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut delay = waits.poll;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if start.elapsed() + delay > waits.timeout {
+            return Err(StepError::Failed(format!(
+                "timed out after {:?} waiting for {what} (spec.builder.amazonEBS.waitTimeout)",
+                waits.timeout
+            )));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = cancel.cancelled() => return Err(StepError::Cancelled),
+        }
+        delay = (delay * 3 / 2).min(waits.poll * 4);
+    }
+}
+
+/// Expands `{{ build.timestamp }}`, `{{ build.name }}` and friends in the AMI name.
+pub fn expand_name(
+    template: &str,
+    build_name: &str,
+    namespace: &str,
+    generation: i64,
+    unix: i64,
+) -> String {
+    let mut s = template.to_string();
+    for (k, v) in [
+        ("build.timestamp", unix.to_string()),
+        ("build.name", build_name.to_string()),
+        ("build.namespace", namespace.to_string()),
+        ("build.generation", generation.to_string()),
+    ] {
+        for pat in [format!("{{{{ {k} }}}}"), format!("{{{{{k}}}}}")] {
+            s = s.replace(&pat, &v);
+        }
+    }
+    s
+}
+
+/// A token that is the same for every attempt of a step of one generation: EC2
+/// returns the first call's result for a repeated ClientToken.
+pub fn client_token(uid: &str, generation: i64, what: &str) -> String {
+    let t = format!("kiln-{uid}-{generation}-{what}");
+    // EC2 allows 64 ASCII characters.
+    if t.len() <= 64 {
+        t
+    } else {
+        format!("{:x}", fnv(t.as_bytes()))
+    }
+}
+
+fn fnv(bytes: &[u8]) -> u128 {
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in bytes {
+        h ^= u128::from(*b);
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    h
+}
+
+/// Tags every resource kiln creates carries, plus the user's.
+pub fn tags(
+    facts: &crate::engine::BuildFacts,
+    extra: &std::collections::BTreeMap<String, String>,
+) -> Vec<aws_sdk_ec2::types::Tag> {
+    let mut all = vec![
+        (crate::api::BUILD_UID_TAG.to_string(), facts.uid.clone()),
+        (
+            "kiln.dev/build".to_string(),
+            format!("{}/{}", facts.namespace, facts.name),
+        ),
+        (
+            "kiln.dev/generation".to_string(),
+            facts.generation.to_string(),
+        ),
+    ];
+    for (k, v) in extra {
+        all.push((k.clone(), v.clone()));
+    }
+    all.into_iter()
+        .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+pub fn tag_spec(
+    kind: aws_sdk_ec2::types::ResourceType,
+    tags: &[aws_sdk_ec2::types::Tag],
+) -> aws_sdk_ec2::types::TagSpecification {
+    aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(kind)
+        .set_tags(Some(tags.to_vec()))
+        .build()
+}
+
+pub fn filter(name: &str, value: impl Into<String>) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder()
+        .name(name)
+        .values(value)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_expand() {
+        assert_eq!(
+            expand_name("web-{{ build.timestamp }}", "w", "ns", 2, 1700000000),
+            "web-1700000000"
+        );
+        assert_eq!(
+            expand_name("{{build.name}}-g{{ build.generation }}", "w", "ns", 2, 0),
+            "w-g2"
+        );
+    }
+
+    #[test]
+    fn client_tokens_are_stable_and_bounded() {
+        let uid = "0f6b6a2e-9a7c-4a53-9f3b-2f0a9b3f4d11";
+        assert_eq!(client_token(uid, 1, "run"), client_token(uid, 1, "run"));
+        assert_ne!(client_token(uid, 1, "run"), client_token(uid, 2, "run"));
+        assert!(client_token(uid, 1, "copy-eu-west-1").len() <= 64);
+    }
+}

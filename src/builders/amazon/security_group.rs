@@ -1,0 +1,209 @@
+//! A temporary security group allowing SSH from `sshCIDRs`, unless
+//! `securityGroupIds` are given (those are used as they are and never deleted).
+
+use futures::future::BoxFuture;
+
+use super::{AwsError, Ec2, ebs, filter, out, tag_spec, tags};
+use crate::api::ResourceRecord;
+use crate::engine::{CleanupContext, Step, StepContext, StepError, StepOutput};
+
+pub struct SecurityGroupStep;
+
+impl Step for SecurityGroupStep {
+    fn name(&self) -> &str {
+        "security-group"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let mut o = StepOutput::default();
+            if !ebs.security_group_ids.is_empty() {
+                for id in &ebs.security_group_ids {
+                    o.resources.push(ResourceRecord {
+                        kind: "SecurityGroup".into(),
+                        id: id.clone(),
+                        region: Some(ebs.region.clone()),
+                        created: false,
+                    });
+                }
+                o.outputs.insert(
+                    out::SECURITY_GROUPS.into(),
+                    ebs.security_group_ids.join(","),
+                );
+                o.message = Some("using the given security groups".into());
+                return Ok(o);
+            }
+            let facts = &ctx.facts;
+            let ec2 = Ec2::new(ebs, &ctx.client, &facts.namespace, &ebs.region).await?;
+            let vpc = vpc_of(&ec2, ebs.subnet_id.as_deref()).await?;
+            let name = group_name(facts);
+
+            // An earlier attempt may have created it before the operator stopped.
+            let existing = ec2
+                .client
+                .describe_security_groups()
+                .filters(filter("group-name", name.clone()))
+                .filters(filter("vpc-id", vpc.clone()))
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).fail())?;
+            let id = match existing
+                .security_groups()
+                .first()
+                .and_then(|g| g.group_id())
+            {
+                Some(id) => id.to_string(),
+                None => ec2
+                    .client
+                    .create_security_group()
+                    .group_name(&name)
+                    .description(format!(
+                        "kiln temporary group for {}/{}",
+                        facts.namespace, facts.name
+                    ))
+                    .vpc_id(&vpc)
+                    .tag_specifications(tag_spec(
+                        aws_sdk_ec2::types::ResourceType::SecurityGroup,
+                        &tags(facts, &Default::default()),
+                    ))
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::from_sdk("CreateSecurityGroup", e).fail())?
+                    .group_id()
+                    .ok_or_else(|| {
+                        StepError::Failed("CreateSecurityGroup returned no group ID".into())
+                    })?
+                    .to_string(),
+            };
+            ctx.record(ResourceRecord {
+                kind: "SecurityGroup".into(),
+                id: id.clone(),
+                region: Some(ebs.region.clone()),
+                created: true,
+            })
+            .await?;
+            let mut perm = aws_sdk_ec2::types::IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(i32::from(ctx.spec.communicator.ssh.port))
+                .to_port(i32::from(ctx.spec.communicator.ssh.port));
+            for cidr in &ebs.ssh_cidrs {
+                perm = perm.ip_ranges(aws_sdk_ec2::types::IpRange::builder().cidr_ip(cidr).build());
+            }
+            if let Err(e) = ec2
+                .client
+                .authorize_security_group_ingress()
+                .group_id(&id)
+                .ip_permissions(perm.build())
+                .send()
+                .await
+            {
+                let e = AwsError::from_sdk("AuthorizeSecurityGroupIngress", e);
+                if !e.is("InvalidPermission.Duplicate") {
+                    return Err(e.fail());
+                }
+            }
+            o.outputs.insert(out::SECURITY_GROUPS.into(), id.clone());
+            o.message = Some(format!("created temporary security group {id} in {vpc}"));
+            Ok(o)
+        })
+    }
+
+    fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let mut ids: Vec<String> = ctx
+                .record
+                .resources
+                .iter()
+                .filter(|r| r.created)
+                .map(|r| r.id.clone())
+                .collect();
+            // Created but not yet recorded when the operator stopped: found by name.
+            let found = ec2
+                .client
+                .describe_security_groups()
+                .filters(filter("group-name", group_name(&ctx.facts)))
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).retry())?;
+            for g in found.security_groups() {
+                if let Some(id) = g.group_id()
+                    && !ids.iter().any(|i| i == id)
+                {
+                    ids.push(id.to_string());
+                }
+            }
+            for id in ids {
+                if let Err(e) = ec2
+                    .client
+                    .delete_security_group()
+                    .group_id(&id)
+                    .send()
+                    .await
+                {
+                    let e = AwsError::from_sdk("DeleteSecurityGroup", e);
+                    // DependencyViolation while the instance terminates: retried by the engine.
+                    if !e.is_not_found() {
+                        return Err(e.retry());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Given groups are recorded as not created; otherwise a group may exist even
+    /// if the step stopped before recording it.
+    fn needs_cleanup(&self, record: &crate::api::StepRecord) -> bool {
+        !record.resources.iter().any(|r| !r.created)
+    }
+}
+
+pub fn group_name(facts: &crate::engine::BuildFacts) -> String {
+    format!("kiln-{}-{}", facts.uid, facts.generation)
+}
+
+/// The VPC of the given subnet, or the region's default VPC.
+async fn vpc_of(ec2: &Ec2, subnet: Option<&str>) -> Result<String, StepError> {
+    if let Some(subnet) = subnet {
+        let r = ec2
+            .client
+            .describe_subnets()
+            .subnet_ids(subnet)
+            .send()
+            .await
+            .map_err(|e| {
+                let e = AwsError::from_sdk("DescribeSubnets", e);
+                StepError::Failed(format!("spec.builder.amazonEBS.subnetId: {e}"))
+            })?;
+        return r
+            .subnets()
+            .first()
+            .and_then(|s| s.vpc_id())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                StepError::Failed(format!(
+                    "spec.builder.amazonEBS.subnetId: subnet {subnet} not found"
+                ))
+            });
+    }
+    let r = ec2
+        .client
+        .describe_vpcs()
+        .filters(filter("is-default", "true"))
+        .send()
+        .await
+        .map_err(|e| AwsError::from_sdk("DescribeVpcs", e).fail())?;
+    r.vpcs()
+        .first()
+        .and_then(|v| v.vpc_id())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            StepError::Failed(format!(
+                "spec.builder.amazonEBS.subnetId: {} has no default VPC; set subnetId",
+                ec2.region
+            ))
+        })
+}

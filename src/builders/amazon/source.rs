@@ -1,0 +1,170 @@
+//! Before anything is launched: the AMI name is free (or will be replaced), and the
+//! source image is known.
+
+use futures::future::BoxFuture;
+
+use super::{Ec2, ebs, expand_name, filter, out};
+use crate::api::ResourceRecord;
+use crate::engine::{Step, StepContext, StepError, StepOutput};
+
+/// Fixes the AMI name for the whole build (the timestamp is expanded once and
+/// recorded) and fails before launching anything if that name is taken.
+pub struct PreValidate;
+
+impl Step for PreValidate {
+    fn name(&self) -> &str {
+        "pre-validate"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let name = expand_name(
+                &ebs.ami_name,
+                &ctx.facts.name,
+                &ctx.facts.namespace,
+                ctx.facts.generation,
+                k8s_openapi::jiff::Timestamp::now().as_second(),
+            );
+            let valid = name.len() >= 3
+                && name.len() <= 128
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c));
+            if !valid {
+                return Err(StepError::Failed(format!(
+                    "spec.builder.amazonEBS.amiName: {name:?} is not a valid AMI name (3-128 characters: letters, digits, ( ) [ ] . / - ' @ _ and spaces)"
+                )));
+            }
+            if !ebs.force_deregister {
+                let mut regions = vec![ebs.region.clone()];
+                regions.extend(ebs.ami_regions.iter().cloned());
+                for region in regions {
+                    let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                    let found = ec2
+                        .client
+                        .describe_images()
+                        .owners("self")
+                        .filters(filter("name", name.clone()))
+                        .send()
+                        .await
+                        .map_err(|e| super::AwsError::from_sdk("DescribeImages", e).fail())?;
+                    let ids: Vec<_> = found.images().iter().filter_map(|i| i.image_id()).collect();
+                    if !ids.is_empty() {
+                        return Err(StepError::Failed(format!(
+                            "spec.builder.amazonEBS.amiName: an AMI named {name:?} already exists in {region} ({}); set forceDeregister: true to replace it",
+                            ids.join(", ")
+                        )));
+                    }
+                }
+            }
+            let mut o = StepOutput {
+                message: Some(format!("AMI name {name:?} is free")),
+                ..Default::default()
+            };
+            o.outputs.insert(out::AMI_NAME.into(), name);
+            o.outputs.insert(out::REGION.into(), ebs.region.clone());
+            Ok(o)
+        })
+    }
+}
+
+pub struct SourceImage;
+
+impl Step for SourceImage {
+    fn name(&self) -> &str {
+        "source-image"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let id = match (&ebs.source_ami, &ebs.source_ami_filter) {
+                (Some(id), _) => {
+                    let r = ec2.client.describe_images().image_ids(id).send().await;
+                    let found = match r {
+                        Ok(r) => !r.images().is_empty(),
+                        Err(e) => {
+                            let e = super::AwsError::from_sdk("DescribeImages", e);
+                            if e.is_not_found() || e.is("InvalidAMIID.Malformed") {
+                                false
+                            } else {
+                                return Err(e.fail());
+                            }
+                        }
+                    };
+                    if !found {
+                        return Err(StepError::Failed(format!(
+                            "spec.builder.amazonEBS.sourceAMI: {id} not found in {}",
+                            ebs.region
+                        )));
+                    }
+                    id.clone()
+                }
+                (None, Some(f)) => {
+                    let mut req = ec2.client.describe_images();
+                    for (k, v) in &f.filters {
+                        req = req.filters(filter(k, v.clone()));
+                    }
+                    for o in &f.owners {
+                        req = req.owners(o.clone());
+                    }
+                    let r = req
+                        .send()
+                        .await
+                        .map_err(|e| super::AwsError::from_sdk("DescribeImages", e).fail())?;
+                    let images = r.images();
+                    let describe = || {
+                        format!(
+                            "filters {:?}, owners {:?} in {}",
+                            f.filters, f.owners, ebs.region
+                        )
+                    };
+                    if images.is_empty() {
+                        return Err(StepError::Failed(format!(
+                            "spec.builder.amazonEBS.sourceAMIFilter: no image matches {}",
+                            describe()
+                        )));
+                    }
+                    if images.len() > 1 && !f.most_recent {
+                        return Err(StepError::Failed(format!(
+                            "spec.builder.amazonEBS.sourceAMIFilter: {} images match {}; set mostRecent: true or narrow the filters",
+                            images.len(),
+                            describe()
+                        )));
+                    }
+                    // ISO 8601 timestamps in one format sort as strings.
+                    let newest = images
+                        .iter()
+                        .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+                        .and_then(|i| i.image_id());
+                    newest
+                        .ok_or_else(|| {
+                            StepError::Failed(
+                                "DescribeImages returned an image without an ID".into(),
+                            )
+                        })?
+                        .to_string()
+                }
+                (None, None) => {
+                    return Err(StepError::Failed(
+                        "spec.builder.amazonEBS: set sourceAMI or sourceAMIFilter".into(),
+                    ));
+                }
+            };
+            let mut o = StepOutput {
+                message: Some(format!("source image {id}")),
+                ..Default::default()
+            };
+            o.resources.push(ResourceRecord {
+                kind: "Image".into(),
+                id: id.clone(),
+                region: Some(ebs.region.clone()),
+                created: false,
+            });
+            o.outputs.insert(out::SOURCE_AMI.into(), id);
+            Ok(o)
+        })
+    }
+}

@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# Brings up kiln's integration-test environment, for CI (.ci/run) and
+# developers alike; see tests/env/README.md for the contract.
+#
+#   bash tests/env/up.sh && . .kiln-test-env/env.sh
+#
+# - a real kube-apiserver (Kubernetes 1.34) + embedded etcd on 127.0.0.1,
+#   built from tests/apiserver and cached by content hash;
+# - an OpenSSH sshd of our own on 127.0.0.1 (not the system service);
+# - (hook) an EC2 test server, later.
+#
+# Idempotent: servers still alive from an earlier run are reused; dead ones
+# are restarted from scratch. Stop everything with tests/env/down.sh.
+#
+# Knobs (all optional):
+#   KILN_TEST_ENV           state dir (default: <repo>/.kiln-test-env)
+#   KILN_CACHE_DIR          built binaries (default: ${XDG_CACHE_HOME:-~/.cache}/kiln)
+#   KILN_APISERVER_PORT     apiserver port (default 0: any free port)
+#   KILN_APISERVER_TIMEOUT  seconds to wait for apiserver readiness (default 120)
+#   KILN_SSH_PORT_WANTED    sshd port to try first (default 2222; else any free)
+set -euo pipefail
+
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+T_ALL=$(now)
+mkdir -p "$STATE"
+lock_state
+
+SUDO=
+[[ $(id -u) == 0 ]] || SUDO=sudo
+# The build machine's login user. As root we make an unprivileged one with a
+# plain /bin/sh, like a cloud image's `ubuntu`: root's own shell start-up here
+# (bashrc with pyenv) costs ~100 ms of CPU per command, which is not what a
+# build machine looks like and swamps load tests. Not root: log in as ourselves.
+SSH_USER=$(id -un)
+ensure_build_user() {
+	[[ $(id -u) == 0 ]] || return 0
+	local u=kiln-build
+	if ! id "$u" >/dev/null 2>&1; then
+		useradd --create-home --shell /bin/sh "$u" >/dev/null
+	fi
+	# sshd without PAM refuses a locked ("!") password; "*" is no password, unlocked.
+	usermod -p '*' "$u" >/dev/null
+	SSH_USER=$u
+}
+ENV_EXTRA=() # extra "NAME=value" lines for env.sh, from hooks
+
+# ---------------------------------------------------------------- packages
+ensure_packages() {
+	local missing=() created_policy=
+	[[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
+	[[ -x /usr/lib/openssh/sftp-server ]] || missing+=(openssh-sftp-server)
+	{ command -v ssh && command -v ssh-keygen && command -v sftp; } >/dev/null || missing+=(openssh-client)
+	{ command -v setsid && command -v flock; } >/dev/null || missing+=(util-linux)
+	((${#missing[@]})) || return 0
+	log "installing: ${missing[*]}"
+	# Keep apt from starting the system sshd: we run our own, and do not need it.
+	if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+		printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+		$SUDO chmod 755 /usr/sbin/policy-rc.d
+		created_policy=1
+	fi
+	local rc=0
+	{
+		$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+			$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+				-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}"
+	} >"$STATE/apt.log" 2>&1 || rc=$?
+	[[ -z $created_policy ]] || $SUDO rm -f /usr/sbin/policy-rc.d
+	((rc == 0)) || {
+		tail -20 "$STATE/apt.log" >&2
+		die "apt-get failed (log: $STATE/apt.log)"
+	}
+}
+
+find_go() {
+	GO=$(command -v go || true)
+	if [[ -z $GO ]]; then
+		for g in /usr/local/go/bin/go /usr/lib/go/bin/go "${HOME:-/root}/go/bin/go"; do
+			[[ -x $g ]] && GO=$g && break
+		done
+	fi
+	[[ -n $GO ]] || die "Go (>= 1.21; the module wants 1.24, fetched through the Go proxy by GOTOOLCHAIN=auto) is not installed"
+}
+
+# ------------------------------------------------------------------- build
+build_apiserver() {
+	local src="$KILN_ENV_DIR/../apiserver" kver minor key cache ldflags pkg=k8s.io/component-base/version
+	src=$(cd "$src" && pwd)
+	kver=$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' "$src/go.mod")
+	[[ $kver =~ ^v1\.([0-9]+)\. ]] || die "cannot read the k8s.io/kubernetes version from $src/go.mod"
+	minor=${BASH_REMATCH[1]}
+	# Without these, /version says v0.0.0-master and kubectl version fails to parse it.
+	ldflags="-s -w -X $pkg.gitVersion=$kver -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+	key=$(
+		cd "$src"
+		{
+			cat go.mod go.sum $(LC_ALL=C ls ./*.go)
+			echo "$ldflags"
+			"$GO" version
+		} | sha256sum | cut -c1-16
+	)
+	cache=${KILN_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/kiln}
+	BIN="$cache/kiln-test-apiserver-$key"
+	if [[ -x $BIN ]]; then
+		log "apiserver binary: cached ($BIN)"
+		return
+	fi
+	mkdir -p "$cache"
+	log "building the apiserver (Kubernetes $kver; the first build takes ~10 min on 2 cores; log: $STATE/build.log)"
+	if ! (cd "$src" && "$GO" build -buildvcs=false -ldflags "$ldflags" -o "$BIN.tmp.$$" .) >"$STATE/build.log" 2>&1; then
+		rm -f "$BIN.tmp.$$"
+		tail -30 "$STATE/build.log" >&2
+		die "go build failed (log: $STATE/build.log)"
+	fi
+	mv -f "$BIN.tmp.$$" "$BIN"
+	# Keep the newest three builds (~150 MB each), e.g. for switching branches.
+	LC_ALL=C ls -1t "$cache"/kiln-test-apiserver-* 2>/dev/null | grep -v '\.tmp\.' | tail -n +4 | xargs -r rm -f
+}
+
+# --------------------------------------------------------------- apiserver
+APISERVER_REUSED=
+start_apiserver() {
+	local pid
+	if pid=$(pid_of apiserver) && [[ -f $STATE/apiserver/ready && -f $STATE/apiserver/kubeconfig ]] &&
+		[[ $(readlink "/proc/$pid/exe") == "$BIN" ]]; then
+		log "apiserver: reusing pid $pid ($(<"$STATE/apiserver/ready"))"
+		APISERVER_REUSED=1
+		return
+	fi
+	stop_service apiserver
+	rm -rf "$STATE/apiserver"
+	mkdir -p "$STATE/apiserver"
+	start_daemon apiserver "$STATE/apiserver.log" \
+		"$BIN" --dir "$STATE/apiserver" --port "${KILN_APISERVER_PORT:-0}"
+}
+
+wait_apiserver() {
+	[[ -z $APISERVER_REUSED ]] || return 0
+	local timeout=${KILN_APISERVER_TIMEOUT:-120} t0
+	t0=$(date +%s)
+	until [[ -f $STATE/apiserver/ready ]]; do
+		if ! pid_of apiserver >/dev/null; then
+			tail -30 "$STATE/apiserver.log" >&2
+			die "the apiserver exited (log: $STATE/apiserver.log)"
+		fi
+		if (($(date +%s) - t0 > timeout)); then
+			tail -30 "$STATE/apiserver.log" >&2
+			stop_service apiserver
+			die "the apiserver was not ready within ${timeout}s (log: $STATE/apiserver.log)"
+		fi
+		sleep 0.1
+	done
+	log "apiserver: ready at $(<"$STATE/apiserver/ready") (pid $(<"$STATE/apiserver.pid"))"
+}
+
+# -------------------------------------------------------------------- sshd
+ssh_as() { # ssh_as KEY KNOWN_HOSTS PORT CMD...
+	local key=$1 kh=$2 port=$3
+	shift 3
+	ssh -F /dev/null -o BatchMode=yes -o ConnectTimeout=3 -o IdentitiesOnly=yes \
+		-o StrictHostKeyChecking=yes -o UserKnownHostsFile="$kh" -o GlobalKnownHostsFile=/dev/null \
+		-o LogLevel=ERROR -i "$key" -p "$port" "$SSH_USER@127.0.0.1" "$@" </dev/null
+}
+ssh_probe() { ssh_as "$STATE/ssh/id_ed25519" "$STATE/ssh/known_hosts" "$1" true >/dev/null 2>&1; }
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+write_known_hosts() { # write_known_hosts FILE PUBKEYFILE PORT
+	local type blob _
+	read -r type blob _ <"$2"
+	printf '[127.0.0.1]:%s %s %s\n[localhost]:%s %s %s\n' "$3" "$type" "$blob" "$3" "$type" "$blob" >"$1.tmp"
+	mv "$1.tmp" "$1"
+}
+
+SSH_PORT=
+start_sshd() {
+	local pid d="$STATE/sshd" k="$STATE/ssh" port attempt i
+	if pid=$(pid_of sshd) && [[ -s $d/port ]] && ssh_probe "$(<"$d/port")"; then
+		SSH_PORT=$(<"$d/port")
+		log "sshd: reusing pid $pid on 127.0.0.1:$SSH_PORT"
+		return
+	fi
+	stop_service sshd
+	rm -rf "$d" "$k"
+	mkdir -p "$d" "$k"
+	chmod 700 "$d" "$k"
+	ssh-keygen -q -t ed25519 -N '' -C kiln-test-host -f "$d/ssh_host_ed25519_key"
+	ssh-keygen -q -t ed25519 -N '' -C kiln-test-other-host -f "$d/bad_host_ed25519_key" # never served
+	ssh-keygen -q -t ed25519 -N '' -C kiln-test -f "$k/id_ed25519"
+	ssh-keygen -q -t ed25519 -N '' -C kiln-test-wrong -f "$k/wrong_ed25519" # never authorized
+	# Readable by the build user: sshd reads it with that user's privileges.
+	mkdir -p "$STATE/authorized" && chmod 755 "$STATE/authorized"
+	cp "$k/id_ed25519.pub" "$STATE/authorized/keys" && chmod 644 "$STATE/authorized/keys"
+	if [[ $(id -u) == 0 ]]; then
+		mkdir -p /run/sshd # privilege separation dir, needed when sshd runs as root
+		chmod 755 /run/sshd
+	fi
+
+	for ((attempt = 0; attempt < 10; attempt++)); do
+		if ((attempt == 0)); then port=${KILN_SSH_PORT_WANTED:-2222}; else port=$((20000 + RANDOM % 30000)); fi
+		port_in_use "$port" && continue
+		cat >"$d/sshd_config" <<-EOF
+			# kiln test sshd: generated by tests/env/up.sh; not the system sshd.
+			ListenAddress 127.0.0.1
+			Port $port
+			HostKey $d/ssh_host_ed25519_key
+			PidFile $d/sshd.pid
+			AuthorizedKeysFile $STATE/authorized/keys
+			UsePAM no
+			StrictModes no
+			PasswordAuthentication no
+			KbdInteractiveAuthentication no
+			PubkeyAuthentication yes
+			PermitRootLogin prohibit-password
+			Subsystem sftp /usr/lib/openssh/sftp-server
+			MaxStartups 200:30:400
+			MaxSessions 100
+			LogLevel INFO
+			PrintMotd no
+			X11Forwarding no
+		EOF
+		# OpenSSH >= 9.8 penalizes sources that fail auth, which wrong-key tests do on purpose.
+		if /usr/sbin/sshd -t -f "$d/sshd_config" -o PerSourcePenalties=no >/dev/null 2>&1; then
+			echo "PerSourcePenalties no" >>"$d/sshd_config"
+		fi
+		/usr/sbin/sshd -t -f "$d/sshd_config" 2>"$STATE/sshd.log" || {
+			cat "$STATE/sshd.log" >&2
+			die "invalid sshd_config"
+		}
+		write_known_hosts "$k/known_hosts" "$d/ssh_host_ed25519_key.pub" "$port"
+		write_known_hosts "$k/bad_known_hosts" "$d/bad_host_ed25519_key.pub" "$port"
+		start_daemon sshd "$STATE/sshd.log" /usr/sbin/sshd -D -e -f "$d/sshd_config"
+		for ((i = 0; i < 100; i++)); do
+			if ssh_probe "$port"; then
+				echo "$port" >"$d/port"
+				SSH_PORT=$port
+				if ssh_as "$k/wrong_ed25519" "$k/known_hosts" "$port" true >/dev/null 2>&1; then
+					die "sshd accepted the wrong key: check $d/sshd_config"
+				fi
+				log "sshd: pid $(<"$STATE/sshd.pid") on 127.0.0.1:$port as $SSH_USER"
+				return
+			fi
+			pid_of sshd >/dev/null || break # e.g. the port was taken after all
+			sleep 0.1
+		done
+		log "sshd did not come up on port $port: $(tail -3 "$STATE/sshd.log" | tr '\n' ' ')"
+		stop_service sshd
+	done
+	die "could not start sshd (log: $STATE/sshd.log)"
+}
+
+# --------------------------------------------------------------------- ec2
+# The moto-based EC2 test server (tests/ec2server): its own cached venv, reused
+# while alive; down.sh stops it through $STATE/ec2.pid like the others.
+start_ec2() {
+	local line
+	line=$(bash "$KILN_ENV_DIR/../ec2server/start.sh" "$STATE") || die "the EC2 test server did not start (log: $STATE/ec2.log)"
+	ENV_EXTRA+=("$line")
+}
+
+# ------------------------------------------------------------------ env.sh
+# export_line NAME VALUE: single-quoted, so that naive parsers (strip the
+# quotes) and the shell read the same value.
+export_line() {
+	if [[ $2 == *"'"* ]]; then printf 'export %s=%q\n' "$1" "$2"; else printf "export %s='%s'\n" "$1" "$2"; fi
+}
+
+write_env() {
+	local f="$STATE/env.sh" kv
+	{
+		echo "# kiln integration-test environment: written by tests/env/up.sh; source it."
+		printf '%s\0' \
+			KUBECONFIG "$STATE/apiserver/kubeconfig" \
+			KILN_TEST_ENV "$STATE" \
+			KILN_SSH_HOST 127.0.0.1 \
+			KILN_SSH_PORT "$SSH_PORT" \
+			KILN_SSH_USER "$SSH_USER" \
+			KILN_SSH_KEY "$STATE/ssh/id_ed25519" \
+			KILN_SSH_WRONG_KEY "$STATE/ssh/wrong_ed25519" \
+			KILN_SSH_KNOWN_HOSTS "$STATE/ssh/known_hosts" \
+			KILN_SSH_BAD_KNOWN_HOSTS "$STATE/ssh/bad_known_hosts" |
+			while IFS= read -r -d '' k && IFS= read -r -d '' v; do export_line "$k" "$v"; done
+		for kv in "${ENV_EXTRA[@]}"; do
+			export_line "${kv%%=*}" "${kv#*=}"
+		done
+	} >"$f.tmp"
+	mv "$f.tmp" "$f"
+}
+
+# -------------------------------------------------------------------- main
+phase() { # phase NAME FUNCTION...
+	local name=$1 t
+	shift
+	t=$(now)
+	"$@"
+	log "  $name: $(since "$t")"
+}
+
+phase packages ensure_packages
+ensure_build_user
+find_go
+phase build build_apiserver
+# The apiserver boots (~5 s) while sshd is set up.
+phase apiserver-start start_apiserver
+phase sshd start_sshd
+phase ec2 start_ec2
+phase apiserver-ready wait_apiserver
+write_env
+log "up in $(since "$T_ALL"); now: . $STATE/env.sh"
