@@ -201,6 +201,8 @@ async fn happy_path_builds_tags_copies_and_leaves_nothing_behind() {
         a.f.wait_phase("web", BuildPhase::Succeeded, Duration::from_secs(120))
             .await;
     let wall = t.elapsed();
+    // Before the test's own Describe calls below.
+    let calls = a.ec2.control("GET", "/_kiln/calls", None);
     let uid = ib.uid().unwrap();
     let st = ib.status.clone().unwrap();
     assert_eq!(condition(&ib, "Ready").as_deref(), Some("True"));

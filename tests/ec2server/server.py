@@ -95,6 +95,7 @@ class Kiln:
 
     def __init__(self, delays: dict[str, float], account_id: str):
         self.initial_delays = dict(delays)
+        self.authorized_keys: str | None = None
         self.delays = dict(delays)
         self.account_id = account_id
         # One lock around every call into moto: moto's models are not
@@ -410,11 +411,31 @@ def install_patches() -> None:
         KILN.idempotency[key] = (h, ref)
         return result
 
+    def authorize_key(backend: Any, key_name: Any) -> None:
+        # What cloud-init does on a real instance: the launch key may log in.
+        # Here "the instance" is the test sshd, which reads this file.
+        path = KILN.authorized_keys
+        if not path or not key_name:
+            return
+        kp = getattr(backend, "key_pairs", {}).get(key_name)
+        if kp is None:
+            return
+        line = kp.public_key.strip()
+        try:
+            with open(path, encoding="utf-8") as f:
+                if line in (l.strip() for l in f):
+                    return
+        except FileNotFoundError:
+            pass
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
     orig_run_response = InstanceResponse.run_instances
 
     def run_instances_response(self: Any) -> Any:
         def call() -> tuple[Any, str]:
             res = orig_run_response(self)
+            authorize_key(self.ec2_backend, self._get_param("KeyName"))
             return res, res.result.id
 
         def replay(rid: str) -> Any:
@@ -931,6 +952,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validate-keypairs", action="store_true",
                    help="RunInstances fails with InvalidKeyPair.NotFound for unknown keys")
     p.add_argument("--quiet", action="store_true", help="no per-call log lines")
+    p.add_argument("--authorized-keys", metavar="FILE",
+                   help="append the public key of RunInstances' KeyName to FILE (cloud-init's "
+                        "job), so the test sshd accepts the build's generated key")
     args = p.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         p.error("--host must be a loopback address")
@@ -950,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     VERBOSE = not args.quiet
     t0 = time.monotonic()
     KILN = Kiln({k: getattr(args, f"delay_{k}") for k in DELAY_KINDS}, args.account_id)
+    KILN.authorized_keys = args.authorized_keys
 
     from werkzeug.serving import make_server
 

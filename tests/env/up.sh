@@ -193,6 +193,9 @@ start_sshd() {
 	# Readable by the build user: sshd reads it with that user's privileges.
 	mkdir -p "$STATE/authorized" && chmod 755 "$STATE/authorized"
 	cp "$k/id_ed25519.pub" "$STATE/authorized/keys" && chmod 644 "$STATE/authorized/keys"
+	# Keys of EC2 key pairs that instances were launched with (the EC2 server
+	# appends them, as cloud-init would): amazon-ebs builds log in here.
+	: >"$STATE/authorized/instances" && chmod 644 "$STATE/authorized/instances"
 	if [[ $(id -u) == 0 ]]; then
 		mkdir -p /run/sshd # privilege separation dir, needed when sshd runs as root
 		chmod 755 /run/sshd
@@ -207,7 +210,7 @@ start_sshd() {
 			Port $port
 			HostKey $d/ssh_host_ed25519_key
 			PidFile $d/sshd.pid
-			AuthorizedKeysFile $STATE/authorized/keys
+			AuthorizedKeysFile $STATE/authorized/keys $STATE/authorized/instances
 			UsePAM no
 			StrictModes no
 			PasswordAuthentication no
@@ -256,7 +259,7 @@ start_sshd() {
 # while alive; down.sh stops it through $STATE/ec2.pid like the others.
 start_ec2() {
 	local line
-	line=$(bash "$KILN_ENV_DIR/../ec2server/start.sh" "$STATE") || die "the EC2 test server did not start (log: $STATE/ec2.log)"
+	line=$(bash "$KILN_ENV_DIR/../ec2server/start.sh" "$STATE" --authorized-keys "$STATE/authorized/instances") || die "the EC2 test server did not start (log: $STATE/ec2.log)"
 	ENV_EXTRA+=("$line")
 }
 
