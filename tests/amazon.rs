@@ -266,7 +266,6 @@ async fn happy_path_builds_tags_copies_and_leaves_nothing_behind() {
     assert!(leaks.is_empty(), "leaked: {leaks:?}");
     assert_eq!(a.instances_ever(&uid).await, 1);
 
-    let calls = a.ec2.control("GET", "/_kiln/calls", None);
     println!(
         "FIGURES: amazon-ebs happy path wall {:.2}s; EC2 calls: {calls}",
         wall.as_secs_f64()
