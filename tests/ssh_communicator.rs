@@ -941,26 +941,25 @@ async fn session_used_from_spawned_tasks() {
     assert!(Path::new(&dir.join("f3")).exists());
 }
 
-/// Non-root login with dash as login shell. Runs only where a user
-/// `kilntest` exists (create it with `useradd -M -s /bin/sh kilntest`), since
-/// creating users is not something a test should do to a machine.
+/// Non-root login with dash as login shell, as the `kiln-build` user that
+/// tests/env/up.sh creates when it runs as root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_root_user_with_dash_shell() {
     init_tracing();
     let exists = Command::new("id")
-        .arg("kilntest")
+        .arg("kiln-build")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !exists {
-        eprintln!("skipping: no user kilntest");
-        return;
-    }
+    assert!(
+        exists,
+        "no user kiln-build: run `bash tests/env/up.sh` (as root) first"
+    );
     let sshd = Sshd::start("nonroot");
     let mut target = sshd.target();
-    target.username = "kilntest".into();
+    target.username = "kiln-build".into();
     let session = Arc::new(
         ssh::connect(&target, &CancellationToken::new())
             .await
@@ -976,7 +975,7 @@ async fn non_root_user_with_dash_shell() {
         .await
         .expect("exec");
     assert_eq!(r.exit_code, Some(7));
-    assert_eq!(cap.text(OutputStream::Stdout), "sh kilntest\n");
+    assert_eq!(cap.text(OutputStream::Stdout), "sh kiln-build\n");
     // sshd may print a chdir warning before the shell starts; the PID
     // marker that follows it must still be stripped.
     let stderr = cap.text(OutputStream::Stderr);
