@@ -204,6 +204,25 @@ async fn happy_path_builds_tags_copies_and_leaves_nothing_behind() {
     // Before the test's own Describe calls below.
     let calls = a.ec2.control("GET", "/_kiln/calls", None);
     let uid = ib.uid().unwrap();
+
+    // Cloud credentials and the generated private key appear nowhere.
+    let status_json = serde_json::to_string(&ib.status).unwrap();
+    let events_json = serde_json::to_string(&a.f.events().await).unwrap();
+    let logs = a.f.operator.logs();
+    for (what, text) in [
+        ("status", &status_json),
+        ("events", &events_json),
+        ("operator log", &logs),
+    ] {
+        assert!(
+            !text.contains("kiln-test-secret-key"),
+            "AWS secret key leaked into {what}"
+        );
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "a private key leaked into {what}"
+        );
+    }
     let st = ib.status.clone().unwrap();
     assert_eq!(condition(&ib, "Ready").as_deref(), Some("True"));
 
@@ -713,4 +732,46 @@ async fn deleting_during_any_step_leaks_nothing() {
             "{uid}: image left"
         );
     }
+}
+
+/// With the EC2 server's state delays on, the build takes about as long as the
+/// delays it must wait out, not much more: waits poll, they do not sleep blindly.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_realistic_delays_the_build_takes_about_the_sum_of_the_delays() {
+    let _g = SERIAL.lock().await;
+    let a = Aws::new("ebs-delays").await;
+    let (boot, stop, image, copy, terminate) = (3.0, 2.0, 5.0, 5.0, 1.0);
+    a.ec2.control(
+        "POST",
+        "/_kiln/delays",
+        Some(json!({"boot": boot, "stop": stop, "image": image, "copy": copy, "terminate": terminate})),
+    );
+    a.ec2.control("DELETE", "/_kiln/calls", None);
+    let t = Instant::now();
+    a.f.create(&a.build(
+        "slow",
+        json!({"amiRegions": ["eu-west-1"]}),
+        shell(&["true"]),
+    ))
+    .await
+    .unwrap();
+    a.f.wait_phase("slow", BuildPhase::Succeeded, Duration::from_secs(120))
+        .await;
+    let wall = t.elapsed().as_secs_f64();
+    let calls = a.ec2.control("GET", "/_kiln/calls", None);
+    a.ec2.control("DELETE", "/_kiln/delays", None);
+    let sum = boot + stop + image + copy + terminate;
+    println!(
+        "FIGURES: amazon-ebs with delays: wall {wall:.2}s, sum of injected delays {sum:.1}s, overhead {:.1}%; EC2 calls {}",
+        (wall / sum - 1.0) * 100.0,
+        calls["total"]
+    );
+    assert!(
+        wall >= sum,
+        "faster than the delays: the waits did not wait ({wall:.2}s < {sum}s)"
+    );
+    assert!(
+        wall < sum * 1.5,
+        "{wall:.2}s is far beyond the {sum}s of delays"
+    );
 }

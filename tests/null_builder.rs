@@ -356,3 +356,40 @@ async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
         st.steps[1]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_operator_gracefully_and_the_next_one_resumes() {
+    let mut f = Fixture::new("sigterm").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "graceful",
+        json!([{"shell": {"inline": [format!("echo run >> {dir}/runs"), "sleep 3"]}}]),
+    );
+    f.create(&build).await.unwrap();
+    let runs = f.host_dir.join("runs");
+    wait_until(Duration::from_secs(30), "the step to start", || async {
+        runs.exists().then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    let status = f.operator.terminate();
+    assert!(
+        status.success(),
+        "operator exit status on SIGTERM: {status:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(12),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    // Nothing was recorded as failed: the step is still the running one.
+    let ib = f.api().get("graceful").await.unwrap();
+    let st = ib.status.unwrap();
+    assert_eq!(st.steps[1].phase, StepPhase::Running, "{:?}", st.steps[1]);
+    f.restart_operator();
+    let ib = f
+        .wait_phase("graceful", BuildPhase::Succeeded, Duration::from_secs(60))
+        .await;
+    assert_eq!(ib.status.unwrap().steps[1].attempts, 2);
+    assert_eq!(read(&runs).lines().count(), 2);
+}

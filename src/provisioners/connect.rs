@@ -120,8 +120,35 @@ pub async fn open(ctx: &StepContext) -> Result<Session, StepError> {
 }
 
 /// Connects with retry; a timeout names the setting that bounds it.
+///
+/// On a machine kiln launched, sshd often answers before cloud-init has
+/// installed the key, so authentication failures are retried there too (as
+/// Packer does) until the timeout; on an existing host they fail at once.
 pub async fn connect(ctx: &StepContext, target: &Target) -> Result<Session, StepError> {
-    ssh::connect(target, &ctx.cancel).await.map_err(|e| match e {
+    let launched = ctx.facts.builder != "null";
+    let start = tokio::time::Instant::now();
+    loop {
+        match ssh::connect(target, &ctx.cancel).await {
+            Err(ssh::SshError::AuthFailed { .. })
+                if launched && start.elapsed() + AUTH_RETRY < target.connect_timeout =>
+            {
+                tracing::info!(
+                    "authentication refused; the machine may not have its key yet, retrying"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(AUTH_RETRY) => {}
+                    () = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
+                }
+            }
+            other => return map_connect(ctx, other),
+        }
+    }
+}
+
+const AUTH_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn map_connect(ctx: &StepContext, r: Result<Session, ssh::SshError>) -> Result<Session, StepError> {
+    r.map_err(|e| match e {
         ssh::SshError::Timeout { .. } => StepError::Failed(format!(
             "spec.communicator.ssh: no SSH connection within the timeout of {} (spec.communicator.ssh.timeout): {e}",
             ctx.spec.communicator.ssh.timeout
