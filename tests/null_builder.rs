@@ -393,3 +393,34 @@ async fn sigterm_stops_the_operator_gracefully_and_the_next_one_resumes() {
     assert_eq!(ib.status.unwrap().steps[1].attempts, 2);
     assert_eq!(read(&runs).lines().count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_past_its_timeout_is_stopped_and_fails_the_step() {
+    let f = Fixture::new("timeout").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "slow",
+        json!([{"shell": {"inline": ["echo started", "sleep 21.7", format!("touch {dir}/finished")], "timeout": "1s"}}]),
+    );
+    f.create(&build).await.unwrap();
+    let ib = f
+        .wait_phase("slow", BuildPhase::Failed, Duration::from_secs(30))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap();
+    assert!(
+        msg.contains("timed out after 1s") && msg.contains("started"),
+        "{msg}"
+    );
+    // The remote command was killed, not abandoned.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 21.7"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "remote command still running: {:?}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    assert!(!f.host_dir.join("finished").exists());
+}
