@@ -53,6 +53,7 @@ ensure_packages() {
 	[[ -x /usr/lib/openssh/sftp-server ]] || missing+=(openssh-sftp-server)
 	{ command -v ssh && command -v ssh-keygen && command -v sftp; } >/dev/null || missing+=(openssh-client)
 	{ command -v setsid && command -v flock; } >/dev/null || missing+=(util-linux)
+	command -v lua5.1 >/dev/null || missing+=(lua5.1) # runs config/argocd/health.lua in tests
 	((${#missing[@]})) || return 0
 	log "installing: ${missing[*]}"
 	# Keep apt from starting the system sshd: we run our own, and do not need it.
