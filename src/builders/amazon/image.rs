@@ -2,25 +2,19 @@
 //! copies to other regions, and the optional manifest ConfigMap. Images are
 //! artifacts: cleanup removes them only when the build did not succeed.
 
-use std::collections::BTreeMap;
-
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
-use super::{AwsError, Ec2, KIND, client_token, ebs, filter, out, tag_spec, tags, wait_for, waits};
+use super::{
+    AwsError, Ec2, KIND, client_token, ebs, filter, out, output, tag_spec, tags, wait_for, waits,
+};
 use crate::api::{Artifact, BUILD_UID_TAG, ResourceRecord};
 use crate::engine::{
     BuildFacts, BuildOutcome, CleanupContext, Step, StepContext, StepError, StepOutput,
 };
-
-fn output<'a>(outputs: &'a BTreeMap<String, String>, key: &str) -> Result<&'a String, StepError> {
-    outputs
-        .get(key)
-        .ok_or_else(|| StepError::Failed(format!("internal: no {key} recorded by an earlier step")))
-}
 
 fn image_key(region: &str) -> String {
     format!("{}.{region}", out::IMAGE_ID)

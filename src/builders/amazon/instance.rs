@@ -4,21 +4,14 @@
 use base64::Engine as _;
 use futures::future::BoxFuture;
 
-use super::{AwsError, Ec2, client_token, ebs, filter, out, tag_spec, tags, wait_for, waits};
+use super::{
+    AwsError, Ec2, client_token, ebs, filter, out, output, tag_spec, tags, wait_for, waits,
+};
 use crate::api::{BUILD_UID_TAG, ResourceRecord, SshInterface};
 use crate::engine::{BuildFacts, CleanupContext, Step, StepContext, StepError, StepOutput};
 use crate::provisioners::connect::OUT_HOST;
 
 const LIVE_STATES: &str = "pending,running,stopping,stopped";
-
-fn output<'a>(
-    outputs: &'a std::collections::BTreeMap<String, String>,
-    key: &str,
-) -> Result<&'a String, StepError> {
-    outputs
-        .get(key)
-        .ok_or_else(|| StepError::Failed(format!("internal: no {key} recorded by an earlier step")))
-}
 
 /// Instances of this build's generation that are not terminated.
 async fn find_instances(ec2: &Ec2, facts: &BuildFacts) -> Result<Vec<String>, AwsError> {

@@ -78,6 +78,16 @@ pub fn ebs(spec: &ImageBuildSpec) -> Result<&AmazonEbsBuilder, StepError> {
         .ok_or_else(|| StepError::Failed("spec.builder.amazonEBS: not set".into()))
 }
 
+/// An output an earlier step of this build must have recorded.
+pub fn output<'a>(
+    outputs: &'a std::collections::BTreeMap<String, String>,
+    key: &str,
+) -> Result<&'a String, StepError> {
+    outputs
+        .get(key)
+        .ok_or_else(|| StepError::Failed(format!("internal: no {key} recorded by an earlier step")))
+}
+
 pub struct Waits {
     pub timeout: Duration,
     pub poll: Duration,
