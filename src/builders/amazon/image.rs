@@ -111,14 +111,35 @@ async fn tag(ec2: &Ec2, ids: &[String], t: &[aws_sdk_ec2::types::Tag]) -> Result
     Ok(())
 }
 
-/// Records the image and its snapshots, tags them and describes the artifact.
-async fn finish_image(
+/// This build's image of that name in `ec2`'s region, made by an earlier attempt.
+async fn ours_named(
+    ec2: &Ec2,
+    name: &str,
+    facts: &BuildFacts,
+) -> Result<Option<String>, StepError> {
+    let found = find_by_name(ec2, name, facts)
+        .await
+        .map_err(AwsError::fail)?;
+    Ok(found.into_iter().find(|f| f.ours).map(|f| f.id))
+}
+
+/// Records the new image before waiting on it, waits until it is available, then
+/// records and tags its snapshots and describes the artifact.
+async fn capture(
     ctx: &StepContext,
     ec2: &Ec2,
+    w: &super::Waits,
     id: &str,
-    snapshots: Vec<String>,
 ) -> Result<StepOutput, StepError> {
     let ebs = ebs(&ctx.spec)?;
+    ctx.record(ResourceRecord {
+        kind: "Image".into(),
+        id: id.to_string(),
+        region: Some(ec2.region.clone()),
+        created: true,
+    })
+    .await?;
+    let snapshots = wait_available(ec2, id, &ctx.cancel, w).await?;
     for s in &snapshots {
         ctx.record(ResourceRecord {
             kind: "Snapshot".into(),
@@ -224,11 +245,8 @@ impl Step for CreateImage {
             let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
             let instance = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
-            let existing = find_by_name(&ec2, &name, &ctx.facts)
-                .await
-                .map_err(AwsError::fail)?;
-            let id = match existing.iter().find(|f| f.ours) {
-                Some(f) => f.id.clone(),
+            let id = match ours_named(&ec2, &name, &ctx.facts).await? {
+                Some(id) => id,
                 None => {
                     let mut req = ec2
                         .client
@@ -257,15 +275,7 @@ impl Step for CreateImage {
                         .to_string()
                 }
             };
-            ctx.record(ResourceRecord {
-                kind: "Image".into(),
-                id: id.clone(),
-                region: Some(ebs.region.clone()),
-                created: true,
-            })
-            .await?;
-            let snapshots = wait_available(&ec2, &id, &ctx.cancel, &w).await?;
-            let mut o = finish_image(ctx, &ec2, &id, snapshots).await?;
+            let mut o = capture(ctx, &ec2, &w, &id).await?;
             o.outputs.insert(out::IMAGE_ID.into(), id);
             Ok(o)
         })
@@ -300,11 +310,8 @@ impl Step for CopyImage {
             let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
             let source = output(&ctx.outputs, out::IMAGE_ID)?.clone();
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &self.region).await?;
-            let existing = find_by_name(&ec2, &name, &ctx.facts)
-                .await
-                .map_err(AwsError::fail)?;
-            let id = match existing.iter().find(|f| f.ours) {
-                Some(f) => f.id.clone(),
+            let id = match ours_named(&ec2, &name, &ctx.facts).await? {
+                Some(id) => id,
                 None => {
                     let mut req = ec2
                         .client
@@ -339,15 +346,7 @@ impl Step for CopyImage {
                         .to_string()
                 }
             };
-            ctx.record(ResourceRecord {
-                kind: "Image".into(),
-                id: id.clone(),
-                region: Some(self.region.clone()),
-                created: true,
-            })
-            .await?;
-            let snapshots = wait_available(&ec2, &id, &ctx.cancel, &w).await?;
-            finish_image(ctx, &ec2, &id, snapshots).await
+            capture(ctx, &ec2, &w, &id).await
         })
     }
 

@@ -39,6 +39,25 @@ async fn find_instances(ec2: &Ec2, facts: &BuildFacts) -> Result<Vec<String>, Aw
         .collect())
 }
 
+/// The instance as EC2 describes it now, if it lists it.
+async fn describe_one(
+    ec2: &Ec2,
+    id: &str,
+) -> Result<Option<aws_sdk_ec2::types::Instance>, StepError> {
+    let r = ec2
+        .client
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .map_err(|e| AwsError::from_sdk("DescribeInstances", e).fail())?;
+    Ok(r.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .next()
+        .cloned())
+}
+
 pub struct RunInstance;
 
 impl Step for RunInstance {
@@ -217,14 +236,7 @@ impl Step for InstanceReady {
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
             let what = format!("instance {id} to run");
             let addr = wait_for(&what, &w, &ctx.cancel, || async {
-                let r = ec2
-                    .client
-                    .describe_instances()
-                    .instance_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| AwsError::from_sdk("DescribeInstances", e).fail())?;
-                let Some(i) = r.reservations().iter().flat_map(|r| r.instances()).next() else {
+                let Some(i) = describe_one(&ec2, &id).await? else {
                     return Ok(None);
                 };
                 use aws_sdk_ec2::types::InstanceStateName as S;
@@ -286,18 +298,9 @@ impl Step for StopInstance {
                 .map_err(|e| AwsError::from_sdk("StopInstances", e).fail())?;
             let what = format!("instance {id} to stop");
             wait_for(&what, &w, &ctx.cancel, || async {
-                let r = ec2
-                    .client
-                    .describe_instances()
-                    .instance_ids(&id)
-                    .send()
-                    .await
-                    .map_err(|e| AwsError::from_sdk("DescribeInstances", e).fail())?;
-                let state = r
-                    .reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .next()
+                let state = describe_one(&ec2, &id)
+                    .await?
+                    .as_ref()
                     .and_then(|i| i.state())
                     .and_then(|s| s.name())
                     .cloned();
