@@ -424,7 +424,8 @@ async fn cancel_stops_remote_process() {
     let res = task.await.expect("join");
     assert!(matches!(res, Err(SshError::Cancelled)), "{res:?}");
     assert!(
-        t0.elapsed() < Duration::from_secs(1),
+        // Under TERM_GRACE (2 s): the TERM ended it, not the KILL that follows.
+        t0.elapsed() < Duration::from_millis(1900),
         "TERM should end it quickly: {:?}",
         t0.elapsed()
     );
@@ -687,14 +688,16 @@ async fn refused_and_timeouts() {
     match &err {
         SshError::Timeout { after, last, .. } => {
             assert!(
-                *after >= Duration::from_millis(700) && *after <= Duration::from_millis(1600),
+                // Upper bounds leave room for a loaded CI machine; what matters is that the
+                // retry loop stops near the timeout instead of running on.
+                *after >= Duration::from_millis(700) && *after <= Duration::from_millis(3000),
                 "{after:?}"
             );
             assert!(last.contains("connection refused"), "{last}");
         }
         other => panic!("{other:?}"),
     }
-    assert!(t0.elapsed() <= Duration::from_millis(1700));
+    assert!(t0.elapsed() <= Duration::from_millis(3500));
 
     // A server that accepts TCP but never speaks SSH (hung sshd / blackhole).
     let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -718,7 +721,7 @@ async fn refused_and_timeouts() {
         "{err:?}"
     );
     assert!(
-        t0.elapsed() < Duration::from_millis(2000),
+        t0.elapsed() < Duration::from_millis(4000),
         "{:?}",
         t0.elapsed()
     );
@@ -754,7 +757,7 @@ async fn refused_and_timeouts() {
     let t0 = Instant::now();
     let err = ssh::connect(&target_long, &c).await.expect_err("cancelled");
     assert!(matches!(err, SshError::Cancelled), "{err:?}");
-    assert!(t0.elapsed() < Duration::from_millis(1200));
+    assert!(t0.elapsed() < Duration::from_millis(3000), "{:?}", t0.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -996,7 +999,7 @@ async fn non_root_user_with_dash_shell() {
     cancel.cancel();
     let res = task.await.expect("join");
     assert!(matches!(res, Err(SshError::Cancelled)), "{res:?}");
-    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_millis(1900), "{:?}", t0.elapsed());
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!marker.exists(), "marker appeared");
     // For non-root users OpenSSH honours the signal request itself.
