@@ -5,5 +5,8 @@ pub mod builders;
 pub mod communicator;
 pub mod controller;
 pub mod engine;
+pub mod leader;
+pub mod metrics;
 pub mod provisioners;
 pub mod refs;
+pub mod serve;

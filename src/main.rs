@@ -26,9 +26,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "KILN_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated or repeated (default: all namespaces).
+    #[arg(long, env = "KILN_NAMESPACE", value_delimiter = ',')]
+    namespace: Vec<String>,
     /// How many ImageBuilds are reconciled at once. Steps run in the background and do
     /// not count against this.
     #[arg(long, env = "KILN_CONCURRENCY", default_value_t = 16)]
@@ -41,6 +41,26 @@ struct RunArgs {
     /// Kubeconfig to use instead of the in-cluster or default configuration.
     #[arg(long, env = "KILN_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz; an empty value turns them off.
+    #[arg(long, env = "KILN_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: String,
+    /// Reconcile only while holding a coordination.k8s.io Lease, so that several
+    /// replicas can run with one active.
+    #[arg(long, env = "KILN_LEADER_ELECT", default_value_t = false)]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else the service account's
+    /// namespace, else the kubeconfig's namespace).
+    #[arg(long, env = "KILN_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    #[arg(long, env = "KILN_LEASE_NAME", default_value = "kiln-leader")]
+    lease_name: String,
+    /// How long a lease stays valid without renewal: the longest a standby waits
+    /// after the leader dies. Renewed a third of it before expiry.
+    #[arg(long, env = "KILN_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// This replica's identity in the Lease (default: POD_NAME, else hostname-pid).
+    #[arg(long, env = "KILN_LEADER_IDENTITY")]
+    leader_identity: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,12 +107,53 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => kube::Client::try_default().await?,
     };
+    let leader_election = if args.leader_elect {
+        let namespace = match args.leader_election_namespace {
+            Some(ns) => ns,
+            None => std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .or_else(|| {
+                    std::fs::read_to_string(
+                        "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+                    )
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                })
+                .unwrap_or_else(|| client.default_namespace().to_string()),
+        };
+        let identity = args.leader_identity.unwrap_or_else(|| {
+            std::env::var("POD_NAME")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_string())
+                        .unwrap_or_else(|_| "kiln".into());
+                    format!("{host}-{}", std::process::id())
+                })
+        });
+        Some(kiln::leader::Settings {
+            namespace,
+            lease_name: args.lease_name,
+            identity,
+            duration_seconds: args.lease_duration_seconds,
+        })
+    } else {
+        None
+    };
     kiln::controller::run(
         client,
         kiln::controller::Settings {
-            namespace: args.namespace,
+            namespaces: args
+                .namespace
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
             concurrency: args.concurrency,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+            metrics_addr: Some(args.metrics_addr).filter(|a| !a.is_empty()),
+            leader_election,
         },
     )
     .await

@@ -205,6 +205,26 @@ async fn happy_path_builds_tags_copies_and_leaves_nothing_behind() {
     let calls = a.ec2.control("GET", "/_kiln/calls", None);
     let uid = ib.uid().unwrap();
 
+    // The operator counts its own EC2 calls (the server's count may include other
+    // tests' builds): each of these happens once in a build.
+    let scraped = a.f.operator.http_get("/metrics").await.unwrap().1;
+    for action in ["RunInstances", "CreateImage", "CopyImage", "StopInstances"] {
+        let series = format!(
+            r#"kiln_cloud_api_calls_total{{provider="aws",action="{action}",outcome="success"}}"#
+        );
+        assert_eq!(
+            common::parse_metric(&scraped, &series),
+            1.0,
+            "{series}; server saw {calls}\n{scraped}"
+        );
+    }
+    assert!(
+        common::parse_metric(
+            &scraped,
+            r#"kiln_cloud_api_calls_total{provider="aws",action="DescribeImages",outcome="success"}"#
+        ) >= 2.0
+    );
+
     // Cloud credentials and the generated private key appear nowhere.
     let status_json = serde_json::to_string(&ib.status).unwrap();
     let events_json = serde_json::to_string(&a.f.events().await).unwrap();

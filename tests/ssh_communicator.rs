@@ -757,7 +757,11 @@ async fn refused_and_timeouts() {
     let t0 = Instant::now();
     let err = ssh::connect(&target_long, &c).await.expect_err("cancelled");
     assert!(matches!(err, SshError::Cancelled), "{err:?}");
-    assert!(t0.elapsed() < Duration::from_millis(3000), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -999,7 +1003,11 @@ async fn non_root_user_with_dash_shell() {
     cancel.cancel();
     let res = task.await.expect("join");
     assert!(matches!(res, Err(SshError::Cancelled)), "{res:?}");
-    assert!(t0.elapsed() < Duration::from_millis(1900), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        t0.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!marker.exists(), "marker appeared");
     // For non-root users OpenSSH honours the signal request itself.

@@ -45,6 +45,14 @@ pub enum BuildPhase {
 }
 
 impl BuildPhase {
+    pub const ALL: [BuildPhase; 5] = [
+        BuildPhase::Pending,
+        BuildPhase::Running,
+        BuildPhase::CleaningUp,
+        BuildPhase::Succeeded,
+        BuildPhase::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BuildPhase::Pending => "Pending",

@@ -473,6 +473,7 @@ async fn attempt_connect(
                 handle,
                 addr,
                 disconnect_reason,
+                _open: crate::metrics::SessionGauge::open(),
             })
         }
     }
@@ -628,6 +629,7 @@ pub struct Session {
     handle: Handle<ClientHandler>,
     addr: String,
     disconnect_reason: Arc<Mutex<Option<String>>>,
+    _open: crate::metrics::SessionGauge,
 }
 
 impl fmt::Debug for Session {

@@ -3,9 +3,9 @@
 
 mod status;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -13,18 +13,21 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
-use crate::api::{FINALIZER, ImageBuild, ResourceRecord};
+use crate::api::{BuildPhase, FINALIZER, ImageBuild, ResourceRecord};
 use crate::builders;
 use crate::engine::advance::{self, Action, Input, TaskKind, TaskState};
-use crate::engine::runner::{Runner, Work};
+use crate::engine::runner::{Runner, WakeKey, Work};
 use crate::engine::{BuildFacts, BuildOutcome, CleanupContext, RecordSink, StepContext};
+use crate::serve::{self, Health};
+use crate::{leader, metrics};
 
 pub const MANAGER: &str = "kiln";
 
@@ -37,10 +40,14 @@ pub enum Error {
 }
 
 pub struct Settings {
-    /// Watch only this namespace; all namespaces when `None`.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces; all namespaces when empty.
+    pub namespaces: Vec<String>,
     pub concurrency: u16,
     pub shutdown_grace: Duration,
+    /// Where to serve /metrics, /healthz and /readyz; not served when `None`.
+    pub metrics_addr: Option<String>,
+    /// Run the controller only while holding this Lease.
+    pub leader_election: Option<leader::Settings>,
 }
 
 struct Context {
@@ -51,6 +58,34 @@ struct Context {
 }
 
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+
+    let health = Arc::new(Health::default());
+    let stores: Arc<Mutex<Vec<Store<ImageBuild>>>> = Arc::default();
+    if let Some(addr) = &settings.metrics_addr {
+        serve::start(addr, health.clone(), build_counts(stores.clone())).await?;
+    }
+    // A standby replica is ready: it serves metrics and waits for the lease.
+    health.set_ready();
+
+    let mut leadership = match &settings.leader_election {
+        None => None,
+        Some(le) => {
+            match leader::acquire(client.clone(), le, stop.clone().cancelled_owned()).await? {
+                Some(l) => Some(l),
+                None => return Ok(()),
+            }
+        }
+    };
+    metrics::get().leader.set(1);
+
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
     let runner = Arc::new(Runner::new(wake_tx));
     let reporter = Reporter {
@@ -66,38 +101,104 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             runner: runner.clone(),
         }),
     });
-    let api: Api<ImageBuild> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let wake = UnboundedReceiverStream::new(wake_rx)
-        .map(|(ns, name): (String, String)| ObjectRef::<ImageBuild>::new(&name).within(&ns));
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let signals = async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(());
+    // One Controller per watched namespace (or one for all); finished steps wake
+    // their build through the controller of its namespace.
+    let apis: Vec<(Option<String>, Api<ImageBuild>)> = if settings.namespaces.is_empty() {
+        vec![(None, Api::all(client.clone()))]
+    } else {
+        settings
+            .namespaces
+            .iter()
+            .map(|ns| (Some(ns.clone()), Api::namespaced(client.clone(), ns)))
+            .collect()
     };
-    tokio::spawn(signals);
-    let stop = async move {
-        let _ = stop_rx.await;
-    };
+    let mut wakers = HashMap::new();
+    let mut controllers = Vec::new();
+    for (ns, api) in apis {
+        let (tx, rx) = mpsc::unbounded_channel::<WakeKey>();
+        wakers.insert(ns, tx);
+        let wake = UnboundedReceiverStream::new(rx)
+            .map(|(ns, name): WakeKey| ObjectRef::<ImageBuild>::new(&name).within(&ns));
+        let controller = Controller::new(api, watcher::Config::default().any_semantic())
+            .with_config(ControllerConfig::default().concurrency(settings.concurrency));
+        lock(&stores).push(controller.store());
+        controllers.push(
+            controller
+                .reconcile_on(wake)
+                .graceful_shutdown_on(stop.clone().cancelled_owned())
+                .run(reconcile, error_policy, ctx.clone())
+                .boxed(),
+        );
+    }
+    tokio::spawn(route_wakes(wake_rx, wakers));
 
-    tracing::info!(namespace = ?settings.namespace, "kiln controller starting");
-    Controller::new(api, watcher::Config::default().any_semantic())
-        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
-        .reconcile_on(wake)
-        .graceful_shutdown_on(stop)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "reconcile loop");
+    tracing::info!(namespaces = ?settings.namespaces, "kiln controller starting");
+    let controllers = futures::stream::select_all(controllers).for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "reconcile loop");
+        }
+    });
+    match &mut leadership {
+        Some(l) => {
+            tokio::select! {
+                () = controllers => {}
+                () = l.lost() => {
+                    metrics::get().leader.set(0);
+                    health.set_failed();
+                    anyhow::bail!("lost the leader lease; exiting so that only the new leader acts");
+                }
             }
-        })
-        .await;
+        }
+        None => controllers.await,
+    }
     tracing::info!("controller stopped; stopping running steps");
     runner.shutdown(settings.shutdown_grace).await;
+    if let Some(l) = leadership {
+        metrics::get().leader.set(0);
+        l.release().await;
+    }
     Ok(())
+}
+
+/// Routes a finished task's wake-up to the controller watching its namespace.
+async fn route_wakes(
+    mut rx: mpsc::UnboundedReceiver<WakeKey>,
+    wakers: HashMap<Option<String>, mpsc::UnboundedSender<WakeKey>>,
+) {
+    while let Some(key) = rx.recv().await {
+        let tx = wakers
+            .get(&Some(key.0.clone()))
+            .or_else(|| wakers.get(&None));
+        if let Some(tx) = tx {
+            let _ = tx.send(key);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Builds by phase from the controllers' caches, for the `kiln_builds` gauge.
+fn build_counts(stores: Arc<Mutex<Vec<Store<ImageBuild>>>>) -> serve::BuildCounts {
+    Arc::new(move || {
+        let mut counts: Vec<(&'static str, i64)> =
+            BuildPhase::ALL.iter().map(|p| (p.as_str(), 0)).collect();
+        for store in lock(&stores).iter() {
+            for obj in store.state() {
+                let phase = obj
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .unwrap_or(BuildPhase::Pending);
+                if let Some(c) = counts.iter_mut().find(|(p, _)| *p == phase.as_str()) {
+                    c.1 += 1;
+                }
+            }
+        }
+        counts
+    })
 }
 
 async fn shutdown_signal() {
@@ -125,7 +226,10 @@ async fn reconcile(obj: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Requeue, E
     let ns = obj.namespace().ok_or(Error::MissingField("namespace"))?;
     let name = obj.name_any();
     let span = info_span!("reconcile", namespace = %ns, name = %name);
-    reconcile_one(ns, name, ctx).instrument(span).await
+    let started = Instant::now();
+    let result = reconcile_one(ns, name, ctx).instrument(span).await;
+    metrics::get().reconciled(result.is_ok(), started.elapsed());
+    result
 }
 
 async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Requeue, Error> {

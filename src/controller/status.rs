@@ -27,6 +27,7 @@ pub async fn apply(
     status: &ImageBuildStatus,
 ) -> Result<ImageBuild, kube::Error> {
     let patch = status_patch(obj, status);
+    crate::metrics::get().status_writes.inc();
     api.patch_status(&obj.name_any(), &apply_params(), &Patch::Apply(&patch))
         .await
 }
@@ -45,6 +46,7 @@ pub async fn add_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result<()
     };
     let patch: json_patch::Patch =
         serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    crate::metrics::get().status_writes.inc();
     api.patch(&obj.name_any(), &patch_params(), &Patch::Json::<()>(patch))
         .await?;
     Ok(())
@@ -60,6 +62,7 @@ pub async fn remove_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result
     ]);
     let patch: json_patch::Patch =
         serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    crate::metrics::get().status_writes.inc();
     match api
         .patch(&obj.name_any(), &patch_params(), &Patch::Json::<()>(patch))
         .await

@@ -95,6 +95,12 @@ pub enum StepError {
 pub trait Step: Send + Sync {
     fn name(&self) -> &str;
 
+    /// What kind of step this is, for metrics: the name without what makes it
+    /// unique in a build (`shell` for `shell-2`, `copy-image` for `copy-image-eu-west-1`).
+    fn kind(&self) -> &str {
+        self.name()
+    }
+
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>>;
 
     /// Undo what `run` created. Called in reverse step order for every step that

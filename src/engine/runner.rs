@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc::UnboundedSender;
@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::advance::{TaskKey, TaskKind, TaskResult, TaskState};
 use super::{CleanupContext, Step, StepContext, StepError};
+use crate::metrics;
 
 /// How long a cancelled step gets to wind down before it is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(15);
@@ -35,6 +36,8 @@ pub struct Runner {
     wake: UnboundedSender<WakeKey>,
     shutdown: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
+    /// When each build's last step run finished, to measure the transition to the next.
+    finished_at: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 pub enum Work {
@@ -50,6 +53,7 @@ impl Runner {
             wake,
             shutdown: CancellationToken::new(),
             tracker: tokio_util::task::TaskTracker::new(),
+            finished_at: Arc::default(),
         }
     }
 
@@ -103,6 +107,10 @@ impl Runner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(uid);
+            self.finished_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(uid);
         }
     }
 
@@ -117,6 +125,16 @@ impl Runner {
             Work::Cleanup(..) => self.shutdown.child_token(),
         };
         let result = Arc::new(Mutex::new(None));
+        let previous = self
+            .finished_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        if let (TaskKind::Run, Some(at)) = (key.kind, previous) {
+            metrics::get()
+                .step_transition
+                .observe(at.elapsed().as_secs_f64());
+        }
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(old) = tasks.get(uid) {
@@ -134,6 +152,8 @@ impl Runner {
         }
         let tx = self.wake.clone();
         let shutdown = self.shutdown.clone();
+        let finished_at = self.finished_at.clone();
+        let uid = uid.to_string();
         self.tracker.spawn(
             async move {
                 let outcome = execute(&key, work, &cancel).await;
@@ -141,6 +161,12 @@ impl Runner {
                 // stays Running in status and the next operator resumes it.
                 if shutdown.is_cancelled() {
                     return;
+                }
+                if let (TaskKind::Run, TaskResult::Run(Ok(_))) = (key.kind, &outcome) {
+                    finished_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(uid, Instant::now());
                 }
                 *result.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
                 let _ = tx.send(wake);
@@ -166,7 +192,7 @@ async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskR
     match (key.kind, work) {
         (TaskKind::Run, Work::Run(step, ctx)) => {
             tracing::info!(attempt = key.attempt, "step started");
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let mut fut: BoxFuture<'_, _> = step.run(&ctx);
             let out = tokio::select! {
                 r = &mut fut => r,
@@ -177,15 +203,21 @@ async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskR
                     Err(StepError::Cancelled)
                 }
             };
-            match &out {
-                Ok(_) => tracing::info!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "step succeeded"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "step failed")
+            let result = match &out {
+                Ok(_) => {
+                    tracing::info!(
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "step succeeded"
+                    );
+                    "succeeded"
                 }
-            }
+                Err(StepError::Cancelled) => "cancelled",
+                Err(e) => {
+                    tracing::warn!(error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "step failed");
+                    "failed"
+                }
+            };
+            metrics::get().step_finished(ctx.facts.builder, step.kind(), result, started.elapsed());
             TaskResult::Run(out)
         }
         (TaskKind::Cleanup, Work::Cleanup(step, ctx)) => {

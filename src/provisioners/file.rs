@@ -57,6 +57,10 @@ impl Step for FileStep {
         &self.name
     }
 
+    fn kind(&self) -> &str {
+        "file"
+    }
+
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             let mode = parse_mode(&self.spec.mode, &format!("{}.mode", self.field()))?;

@@ -107,6 +107,10 @@ impl Step for ShellStep {
         &self.name
     }
 
+    fn kind(&self) -> &str {
+        "shell"
+    }
+
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(self.run_script(ctx))
     }

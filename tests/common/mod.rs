@@ -128,14 +128,19 @@ pub async fn install(env: &TestEnv) -> PathBuf {
     let client = env.admin().await;
     let crd = std::fs::read_to_string(repo_root().join("crds/imagebuilds.kiln.dev.yaml")).unwrap();
     apply_yaml(&client, &crd).await;
-    for f in [
-        "namespace",
-        "service_account",
-        "cluster_role",
-        "cluster_role_binding",
-    ] {
-        let text =
-            std::fs::read_to_string(repo_root().join(format!("config/rbac/{f}.yaml"))).unwrap();
+    // Every manifest of config/rbac, the namespace first: what the operator may do
+    // in tests is exactly what a kustomize install grants.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("config/rbac"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    files.sort_by_key(|p| (!p.ends_with("namespace.yaml"), p.clone()));
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
         apply_yaml(&client, &text).await;
     }
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -206,18 +211,37 @@ where
 pub struct Operator {
     child: Option<Child>,
     pub log: PathBuf,
+    /// `host:port` of /metrics, /healthz and /readyz.
+    pub metrics: String,
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 impl Operator {
     pub fn start(kubeconfig: &Path, namespace: &str, log: &Path) -> Operator {
+        Operator::start_with(kubeconfig, namespace, log, &[])
+    }
+
+    /// Starts `kiln run` watching `namespace` with extra flags, its metrics on a free
+    /// loopback port (tests run many operators side by side).
+    pub fn start_with(kubeconfig: &Path, namespace: &str, log: &Path, extra: &[&str]) -> Operator {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
+        let metrics = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["run", "--namespace", namespace, "--kubeconfig"])
             .arg(kubeconfig)
+            .args(["--metrics-addr", &metrics])
+            .args(extra)
             .env("KILN_LOG", "info,kiln=debug")
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
@@ -226,6 +250,45 @@ impl Operator {
         Operator {
             child: Some(child),
             log: log.to_path_buf(),
+            metrics,
+        }
+    }
+
+    /// GET `path` from the operator's HTTP endpoint: (status code, body).
+    pub async fn http_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics).await?;
+        s.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.metrics
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((code, body.to_string()))
+    }
+
+    /// The value of one sample line of /metrics (`name{labels}` exactly as printed), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (code, body) = self.http_get("/metrics").await.expect("scrape /metrics");
+        assert_eq!(code, 200, "{body}");
+        parse_metric(&body, series)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
         }
     }
 
@@ -264,6 +327,16 @@ impl Operator {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The value of sample `series` in a Prometheus text exposition, 0 if absent.
+pub fn parse_metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+        .unwrap_or(0.0)
 }
 
 impl Drop for Operator {

@@ -8,6 +8,12 @@ use aws_config::retry::RetryConfig;
 use aws_credential_types::Credentials;
 use aws_sdk_ec2::config::Region;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
 
 use crate::api::AmazonEbsBuilder;
 use crate::engine::StepError;
@@ -119,10 +125,42 @@ impl Ec2 {
             loader = loader.endpoint_url(endpoint.clone());
         }
         let config = loader.load().await;
+        let config = aws_sdk_ec2::config::Builder::from(&config)
+            .interceptor(CallMetrics)
+            .build();
         Ok(Ec2 {
-            client: aws_sdk_ec2::Client::new(&config),
+            client: aws_sdk_ec2::Client::from_conf(config),
             region: region.to_string(),
         })
+    }
+}
+
+/// Counts every EC2 request attempt (retries included) by action and outcome.
+#[derive(Debug)]
+struct CallMetrics;
+
+impl Intercept for CallMetrics {
+    fn name(&self) -> &'static str {
+        "kiln-call-metrics"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let action = cfg.load::<Metadata>().map_or("unknown", |m| m.name());
+        let outcome = match context.response().map(|r| r.status().as_u16()) {
+            None => "transport_error",
+            Some(200..=299) => "success",
+            // EC2 throttles with 503 RequestLimitExceeded.
+            Some(429 | 503) => "throttled",
+            Some(400..=499) => "client_error",
+            Some(_) => "server_error",
+        };
+        crate::metrics::get().cloud_call("aws", action, outcome);
+        Ok(())
     }
 }
 

@@ -303,6 +303,10 @@ impl Step for CopyImage {
         &self.name
     }
 
+    fn kind(&self) -> &str {
+        "copy-image"
+    }
+
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;

@@ -1,0 +1,269 @@
+//! Running kiln like an operator: /metrics, /healthz and /readyz during a build, and
+//! leader election between two replicas with a SIGKILLed leader, against the real
+//! apiserver and sshd.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Fixture, Operator, wait_until};
+use k8s_openapi::api::coordination::v1::Lease;
+use kiln::api::{BuildPhase, StepPhase};
+use kube::Api;
+use serde_json::json;
+
+const RUNNING: &str = r#"kiln_builds{phase="Running"}"#;
+const SUCCEEDED: &str = r#"kiln_builds{phase="Succeeded"}"#;
+const RECONCILES_OK: &str = r#"kiln_reconciles_total{controller="imagebuild",result="ok"}"#;
+const SESSIONS: &str = "kiln_ssh_sessions_open";
+const LEADER: &str = "kiln_leader";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_probes_follow_a_build() {
+    let fx = Fixture::new("metrics").await;
+    let op = &fx.operator;
+    let (code, _) = wait_until(
+        Duration::from_secs(20),
+        "operator serving /readyz",
+        || async { op.http_get("/readyz").await.ok().filter(|(c, _)| *c == 200) },
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(op.http_get("/healthz").await.expect("healthz").0, 200);
+    assert_eq!(op.http_get("/nope").await.expect("404").0, 404);
+    assert_eq!(op.metric(RECONCILES_OK).await, 0.0);
+    assert_eq!(
+        op.metric(LEADER).await,
+        1.0,
+        "no leader election: always active"
+    );
+
+    let marker = fx.host_dir.join("running");
+    let build = fx.null_build(
+        "scraped",
+        json!([
+            {"shell": {"inline": [format!("touch {}; sleep 3", marker.display())]}},
+            {"shell": {"inline": ["true"]}},
+        ]),
+    );
+    fx.create(&build).await.expect("create");
+
+    // While the first provisioner runs: one build Running, one SSH session open.
+    wait_until(
+        Duration::from_secs(30),
+        "first provisioner running",
+        || async { marker.exists().then_some(()) },
+    )
+    .await;
+    let during = op.http_get("/metrics").await.expect("scrape").1;
+    println!("--- /metrics during the build ---\n{during}");
+    assert_eq!(common::parse_metric(&during, RUNNING), 1.0, "{during}");
+    assert!(common::parse_metric(&during, SESSIONS) >= 1.0, "{during}");
+    assert!(
+        common::parse_metric(&during, RECONCILES_OK) >= 1.0,
+        "{during}"
+    );
+
+    let ib = fx
+        .wait_phase("scraped", BuildPhase::Succeeded, Duration::from_secs(60))
+        .await;
+    let steps = &ib.status.as_ref().expect("status").steps;
+    let after = wait_until(Duration::from_secs(10), "gauges to settle", || async {
+        let text = op.http_get("/metrics").await.ok()?.1;
+        (common::parse_metric(&text, SUCCEEDED) == 1.0
+            && common::parse_metric(&text, RUNNING) == 0.0
+            && common::parse_metric(&text, SESSIONS) == 0.0)
+            .then_some(text)
+    })
+    .await;
+    println!("--- /metrics after the build ---\n{after}");
+    let m = |s: &str| common::parse_metric(&after, s);
+    assert!(m(RECONCILES_OK) > common::parse_metric(&during, RECONCILES_OK));
+    assert_eq!(
+        m(r#"kiln_step_duration_seconds_count{builder="null",step="shell",result="succeeded"}"#),
+        2.0
+    );
+    assert_eq!(
+        m(r#"kiln_step_duration_seconds_count{builder="null",step="connect",result="succeeded"}"#),
+        1.0
+    );
+    // The first shell step slept 3 s.
+    assert!(
+        m(r#"kiln_step_duration_seconds_sum{builder="null",step="shell",result="succeeded"}"#)
+            >= 3.0
+    );
+    assert_eq!(
+        m("kiln_step_transition_seconds_count"),
+        (steps.len() - 1) as f64
+    );
+    assert!(m(r#"kiln_reconcile_duration_seconds_count{controller="imagebuild"}"#) >= 1.0);
+    assert!(m("kiln_status_writes_total") >= steps.len() as f64);
+    // No per-object labels: neither the build's name nor its namespace is a label value.
+    assert!(
+        !after.contains("scraped") && !after.contains(&fx.ns),
+        "object names in metrics:\n{after}"
+    );
+}
+
+fn leader_args<'a>(lease: &'a str, identity: &'a str) -> [&'a str; 9] {
+    [
+        "--leader-elect",
+        "--leader-election-namespace",
+        "kiln-system",
+        "--lease-name",
+        lease,
+        "--lease-duration-seconds",
+        "6",
+        "--leader-identity",
+        identity,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_fails_over_to_the_standby() {
+    let mut fx = Fixture::new("leader").await;
+    fx.operator.kill();
+    let lease_name = format!("kiln-leader-{}", fx.ns);
+    let logs = fx.env.dir.join("logs");
+    let mut a = Operator::start_with(
+        &fx.operator_kubeconfig,
+        &fx.ns,
+        &logs.join(format!("{}-a.log", fx.ns)),
+        &leader_args(&lease_name, "replica-a"),
+    );
+    wait_until(Duration::from_secs(30), "replica a to lead", || async {
+        (a.http_get("/metrics")
+            .await
+            .ok()
+            .map(|(_, b)| common::parse_metric(&b, LEADER))
+            == Some(1.0))
+        .then_some(())
+    })
+    .await;
+    let mut b = Operator::start_with(
+        &fx.operator_kubeconfig,
+        &fx.ns,
+        &logs.join(format!("{}-b.log", fx.ns)),
+        &leader_args(&lease_name, "replica-b"),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "replica b ready as standby",
+        || async { b.http_get("/readyz").await.ok().filter(|(c, _)| *c == 200) },
+    )
+    .await;
+
+    let leases: Api<Lease> = Api::namespaced(fx.client.clone(), "kiln-system");
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    assert_eq!(
+        holder(leases.get(&lease_name).await.expect("lease")),
+        "replica-a"
+    );
+
+    // Three builds whose first provisioner is still running when the leader dies.
+    let names = ["one", "two", "three"];
+    for name in names {
+        let marker = fx.host_dir.join(format!("{name}-started"));
+        let done = fx.host_dir.join(format!("{name}-done"));
+        let build = fx.null_build(
+            name,
+            json!([
+                {"shell": {"inline": [format!("touch {}; sleep 4; echo x >> {}", marker.display(), done.display())]}},
+                {"shell": {"inline": ["true"]}},
+            ]),
+        );
+        fx.create(&build).await.expect("create");
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "all first provisioners running",
+        || async {
+            names
+                .iter()
+                .all(|n| fx.host_dir.join(format!("{n}-started")).exists())
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(a.metric(RECONCILES_OK).await > 0.0);
+    assert_eq!(
+        b.metric(RECONCILES_OK).await,
+        0.0,
+        "the standby reconciled:\n{}",
+        b.logs()
+    );
+    assert_eq!(b.metric(LEADER).await, 0.0);
+
+    let killed = Instant::now();
+    a.kill();
+    let took = wait_until(
+        Duration::from_secs(30),
+        "replica b to take over",
+        || async { (b.metric(LEADER).await == 1.0).then(|| killed.elapsed()) },
+    )
+    .await;
+    println!("takeover after SIGKILL of the leader: {took:?}");
+    assert!(
+        took <= Duration::from_secs(6) + Duration::from_millis(1500),
+        "takeover took {took:?}, lease duration 6 s"
+    );
+    assert_eq!(
+        holder(leases.get(&lease_name).await.expect("lease")),
+        "replica-b"
+    );
+
+    for name in names {
+        let ib = fx
+            .wait_phase(name, BuildPhase::Succeeded, Duration::from_secs(60))
+            .await;
+        let steps = &ib.status.as_ref().expect("status").steps;
+        assert!(
+            steps.iter().all(|s| s.phase == StepPhase::Succeeded),
+            "{steps:?}"
+        );
+        let shell1 = steps.iter().find(|s| s.name == "shell-1").expect("shell-1");
+        assert_eq!(shell1.attempts, 2, "{name}: resumed once by the new leader");
+    }
+    assert!(b.metric(RECONCILES_OK).await > 0.0);
+
+    // A graceful stop releases the lease; the standby takes it when it next looks,
+    // at the latest when the lease it last saw would have expired.
+    let mut c = Operator::start_with(
+        &fx.operator_kubeconfig,
+        &fx.ns,
+        &logs.join(format!("{}-c.log", fx.ns)),
+        &leader_args(&lease_name, "replica-c"),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "replica c ready as standby",
+        || async {
+            c.http_get("/readyz")
+                .await
+                .ok()
+                .filter(|(code, _)| *code == 200)
+        },
+    )
+    .await;
+    let stopped = Instant::now();
+    assert!(b.terminate().success(), "{}", b.logs());
+    let after_stop = holder(leases.get(&lease_name).await.expect("lease"));
+    assert_ne!(after_stop, "replica-b", "the lease was not released");
+    let handover = wait_until(
+        Duration::from_secs(30),
+        "replica c to take over",
+        || async { (c.metric(LEADER).await == 1.0).then(|| stopped.elapsed()) },
+    )
+    .await;
+    println!("handover after SIGTERM of the leader: {handover:?}");
+    assert!(
+        b.logs().contains("released the leader lease"),
+        "{}",
+        b.logs()
+    );
+    assert!(
+        handover <= Duration::from_secs(6) + Duration::from_millis(1500),
+        "handover took {handover:?}, lease duration 6 s"
+    );
+    assert!(c.is_running());
+}
