@@ -1,5 +1,5 @@
 # kiln operator image. No container engine runs on the development machines, so
-# this file is kept correct by reading, not by CI: see docs/operations.md.
+# this file is kept correct by reading, not by CI: see docs/install.md.
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.

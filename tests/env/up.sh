@@ -18,6 +18,9 @@
 #   KILN_APISERVER_PORT     apiserver port (default 0: any free port)
 #   KILN_APISERVER_TIMEOUT  seconds to wait for apiserver readiness (default 120)
 #   KILN_SSH_PORT_WANTED    sshd port to try first (default 2222; else any free)
+#   KILN_SSHD_MAX_STARTUPS  sshd MaxStartups (default 200:30:400; the benchmark raises it)
+#   KILN_SSHD_MAX_SESSIONS  sshd MaxSessions (default 100)
+#   KILN_HELM_VERSION       helm to build, v3.x.y or v4.x.y (default v4.3.1)
 set -euo pipefail
 
 # shellcheck source=lib.sh
@@ -120,6 +123,87 @@ build_apiserver() {
 	LC_ALL=C ls -1t "$cache"/kiln-test-apiserver-* 2>/dev/null | grep -v '\.tmp\.' | tail -n +4 | xargs -r rm -f
 }
 
+# ------------------------------------------------------------------- tools
+# kubectl and helm, for tests that shell out to them (packaging, gitops_status) and for
+# developers: built from the Go module proxy, cached in the same directory as the
+# apiserver (named by version and a hash of what went into the binary), and linked
+# into $STATE/bin, which env.sh puts first on PATH.
+HELM_VERSION=${KILN_HELM_VERSION:-v4.3.1}
+
+# install_tool NAME FILE BUILD-FUNCTION: unless FILE exists, runs BUILD-FUNCTION
+# with a scratch dir (in the cache dir) as its argument; it must leave the binary
+# there as NAME, which is then moved to FILE. Links $STATE/bin/NAME to FILE and
+# keeps the newest three cached builds of NAME.
+install_tool() {
+	local name=$1 file=$2 build=$3 dir tmp t
+	dir=$(dirname "$file")
+	if [[ -x $file ]]; then
+		log "$name: cached ($file)"
+	else
+		mkdir -p "$dir"
+		tmp=$(mktemp -d "$dir/.build-$name.XXXXXX")
+		t=$(now)
+		log "building $name (log: $STATE/build-$name.log)"
+		if ! "$build" "$tmp" >"$STATE/build-$name.log" 2>&1; then
+			rm -rf "$tmp"
+			tail -30 "$STATE/build-$name.log" >&2
+			die "building $name failed (log: $STATE/build-$name.log)"
+		fi
+		mv -f "$tmp/$name" "$file"
+		rm -rf "$tmp"
+		log "$name: built in $(since "$t") ($file)"
+		LC_ALL=C ls -1t "$dir/$name"-v* 2>/dev/null | tail -n +4 | xargs -r rm -f
+	fi
+	mkdir -p "$STATE/bin"
+	ln -sfn "$file" "$STATE/bin/$name.tmp"
+	mv -fT "$STATE/bin/$name.tmp" "$STATE/bin/$name"
+}
+
+# kubectl from k8s.io/kubernetes at the version tests/apiserver pins, built with
+# that module's go.mod (so every k8s.io/* module is the apiserver's, and the
+# build shares most packages with it). The committed go.mod/go.sum stay as they
+# are: Go works on copies (-modfile), adding go.sum lines for the few modules
+# only kubectl needs (checked against the checksum database, as usual).
+KUBECTL_SRC= KUBECTL_LDFLAGS=
+build_kubectl() {
+	cp "$KUBECTL_SRC/go.mod" "$KUBECTL_SRC/go.sum" "$1/"
+	(cd "$KUBECTL_SRC" && "$GO" build -modfile="$1/go.mod" -mod=mod -ldflags "$KUBECTL_LDFLAGS" \
+		-o "$1/kubectl" k8s.io/kubernetes/cmd/kubectl)
+}
+HELM_MODULE= HELM_LDFLAGS=
+build_helm() {
+	# `go install module@version` builds with the module's own go.mod and go.sum.
+	(cd "$1" && CGO_ENABLED=0 GOBIN="$1" "$GO" install -ldflags "$HELM_LDFLAGS" "$HELM_MODULE/cmd/helm@$HELM_VERSION")
+}
+
+build_tools() {
+	local cache kver minor key pkg=k8s.io/component-base/version
+	cache=${KILN_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/kiln}
+
+	KUBECTL_SRC=$(cd "$KILN_ENV_DIR/../apiserver" && pwd)
+	kver=$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' "$KUBECTL_SRC/go.mod")
+	[[ $kver =~ ^v1\.([0-9]+)\. ]] || die "cannot read the k8s.io/kubernetes version from $KUBECTL_SRC/go.mod"
+	minor=${BASH_REMATCH[1]}
+	KUBECTL_LDFLAGS="-s -w -X $pkg.gitVersion=$kver -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+	key=$({
+		cat "$KUBECTL_SRC/go.mod" "$KUBECTL_SRC/go.sum"
+		echo "k8s.io/kubernetes/cmd/kubectl $KUBECTL_LDFLAGS"
+		"$GO" version
+	} | sha256sum | cut -c1-16)
+	install_tool kubectl "$cache/kubectl-$kver-$key" build_kubectl
+
+	[[ $HELM_VERSION =~ ^(v[34])\.[0-9]+\.[0-9]+$ ]] || die "KILN_HELM_VERSION=$HELM_VERSION: want v3.x.y or v4.x.y"
+	HELM_MODULE=helm.sh/helm/${BASH_REMATCH[1]}
+	pkg=$HELM_MODULE/internal/version
+	HELM_LDFLAGS="-s -w -X $pkg.version=$HELM_VERSION -X $pkg.metadata= -X $pkg.gitTreeState=clean"
+	key=$({
+		echo "$HELM_MODULE/cmd/helm@$HELM_VERSION CGO_ENABLED=0 $HELM_LDFLAGS"
+		"$GO" version
+	} | sha256sum | cut -c1-16)
+	install_tool helm "$cache/helm-$HELM_VERSION-$key" build_helm
+	ENV_EXTRA+=("KILN_TEST_BIN=$STATE/bin")
+}
+
 # --------------------------------------------------------------- apiserver
 APISERVER_REUSED=
 start_apiserver() {
@@ -219,8 +303,8 @@ start_sshd() {
 			PubkeyAuthentication yes
 			PermitRootLogin prohibit-password
 			Subsystem sftp /usr/lib/openssh/sftp-server
-			MaxStartups 200:30:400
-			MaxSessions 100
+			MaxStartups ${KILN_SSHD_MAX_STARTUPS:-200:30:400}
+			MaxSessions ${KILN_SSHD_MAX_SESSIONS:-100}
 			LogLevel INFO
 			PrintMotd no
 			X11Forwarding no
@@ -289,6 +373,10 @@ write_env() {
 		for kv in "${ENV_EXTRA[@]}"; do
 			export_line "${kv%%=*}" "${kv#*=}"
 		done
+		# kubectl and helm (build_tools) before anything else on PATH; not repeated
+		# when sourced again.
+		# shellcheck disable=SC2016
+		echo 'case ":$PATH:" in *":$KILN_TEST_BIN:"*) ;; *) export PATH="$KILN_TEST_BIN:$PATH" ;; esac'
 	} >"$f.tmp"
 	mv "$f.tmp" "$f"
 }
@@ -308,6 +396,8 @@ find_go
 phase build build_apiserver
 # The apiserver boots (~5 s) while sshd is set up.
 phase apiserver-start start_apiserver
+# kubectl and helm are built (first run) or linked while the apiserver boots.
+phase tools build_tools
 phase sshd start_sshd
 phase ec2 start_ec2
 phase apiserver-ready wait_apiserver
