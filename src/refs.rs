@@ -48,6 +48,27 @@ pub async fn secret_key(
     key: &str,
     field: &str,
 ) -> Result<SecretBytes, RefError> {
+    secret_keys(client, namespace, name, &[key], field)
+        .await?
+        .pop()
+        .flatten()
+        .ok_or_else(|| RefError::MissingKey {
+            field: field.into(),
+            kind: "Secret",
+            namespace: namespace.into(),
+            name: name.into(),
+            key: key.into(),
+        })
+}
+
+/// Several keys of one Secret with one read; `None` for a key it lacks.
+pub async fn secret_keys(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    keys: &[&str],
+    field: &str,
+) -> Result<Vec<Option<SecretBytes>>, RefError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let found = api
         .get_opt(name)
@@ -65,23 +86,17 @@ pub async fn secret_key(
             namespace: namespace.into(),
             name: name.into(),
         })?;
-    let from_data = found
-        .data
-        .and_then(|mut d| d.remove(key))
-        .map(|ByteString(b)| b);
-    let value = from_data.or_else(|| {
-        found
-            .string_data
-            .and_then(|mut d| d.remove(key))
-            .map(String::into_bytes)
-    });
-    value.map(SecretBytes).ok_or_else(|| RefError::MissingKey {
-        field: field.into(),
-        kind: "Secret",
-        namespace: namespace.into(),
-        name: name.into(),
-        key: key.into(),
-    })
+    let mut data = found.data.unwrap_or_default();
+    let mut string_data = found.string_data.unwrap_or_default();
+    Ok(keys
+        .iter()
+        .map(|k| {
+            data.remove(*k)
+                .map(|ByteString(b)| b)
+                .or_else(|| string_data.remove(*k).map(String::into_bytes))
+                .map(SecretBytes)
+        })
+        .collect())
 }
 
 pub async fn config_map_key(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{Ec2Server, Fixture, condition, wait_until};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kiln::api::{BuildPhase, ImageBuild, StepPhase};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
@@ -30,58 +30,19 @@ impl Aws {
         let ec2 = Ec2Server::from_env(&f.env);
         ec2.control("DELETE", "/_kiln/faults", None);
         ec2.control("DELETE", "/_kiln/delays", None);
-        let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
-        secrets
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {"name": "aws"},
-                    "stringData": {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "kiln-test-secret-key"},
-                }))
-                .unwrap(),
-            )
-            .await
-            .unwrap();
-        let loaded = ec2.control(
-            "POST",
-            "/_kiln/images",
-            Some(json!([{"name": format!("base-{}", f.ns), "creation_date": "2025-01-01T00:00:00.000Z"}])),
-        );
-        let source_ami = loaded["images"][0]["image_id"]
-            .as_str()
-            .or_else(|| loaded["images"][0].as_str())
-            .or_else(|| loaded["images"][0]["ImageId"].as_str())
-            .unwrap_or_else(|| panic!("loaded image id in {loaded}"))
-            .to_string();
+        let source_ami = common::aws_setup(&f, &ec2).await;
         Aws { f, ec2, source_ami }
     }
 
     fn build(&self, name: &str, ebs: Value, provisioners: Value) -> Value {
-        let mut b = self.f.null_build(name, provisioners);
-        let mut spec_ebs = json!({
-            "region": "us-east-1",
-            "endpoint": self.ec2.endpoint,
-            "credentials": {"secretRef": {"name": "aws"}},
-            "sourceAMI": self.source_ami,
-            "instanceType": "t3.micro",
-            "amiName": format!("{}-{name}-{{{{ build.timestamp }}}}", self.f.ns),
-            "pollInterval": "100ms",
-            "waitTimeout": "2m",
-        });
-        for (k, v) in ebs.as_object().unwrap() {
-            if v.is_null() {
-                spec_ebs.as_object_mut().unwrap().remove(k);
-            } else {
-                spec_ebs[k] = v.clone();
-            }
-        }
-        b["spec"]["builder"] = json!({"amazonEBS": spec_ebs});
-        // The instance is not a machine: SSH goes to the loopback sshd.
-        b["spec"]["communicator"]["ssh"]
-            .as_object_mut()
-            .unwrap()
-            .remove("privateKeySecretRef");
-        b
+        common::ebs_build(
+            &self.f,
+            &self.ec2,
+            &self.source_ami,
+            name,
+            ebs,
+            provisioners,
+        )
     }
 
     async fn uid(&self, name: &str) -> String {

@@ -231,6 +231,17 @@ impl Operator {
     /// Starts `kiln run` watching `namespace` with extra flags, its metrics on a free
     /// loopback port (tests run many operators side by side).
     pub fn start_with(kubeconfig: &Path, namespace: &str, log: &Path, extra: &[&str]) -> Operator {
+        Operator::start_custom(kubeconfig, namespace, log, extra, &[])
+    }
+
+    /// As `start_with`, with environment variables on top (e.g. `KILN_LOG`).
+    pub fn start_custom(
+        kubeconfig: &Path,
+        namespace: &str,
+        log: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Operator {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -243,6 +254,7 @@ impl Operator {
             .args(["--metrics-addr", &metrics])
             .args(extra)
             .env("KILN_LOG", "info,kiln=debug")
+            .envs(envs.iter().copied())
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
@@ -516,6 +528,71 @@ pub fn short_id() -> String {
         (nanos ^ std::process::id()) & 0xfffff,
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// What an amazon-ebs build in `f`'s namespace needs: the `aws` credentials Secret
+/// (moto accepts any keys) and a source image of its own; returns that image's ID.
+pub async fn aws_setup(f: &Fixture, ec2: &Ec2Server) -> String {
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "aws"},
+                "stringData": {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "kiln-test-secret-key"},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let loaded = ec2.control(
+        "POST",
+        "/_kiln/images",
+        Some(json!([{"name": format!("base-{}", f.ns), "creation_date": "2025-01-01T00:00:00.000Z"}])),
+    );
+    loaded["images"][0]["image_id"]
+        .as_str()
+        .or_else(|| loaded["images"][0].as_str())
+        .or_else(|| loaded["images"][0]["ImageId"].as_str())
+        .unwrap_or_else(|| panic!("loaded image id in {loaded}"))
+        .to_string()
+}
+
+/// An amazon-ebs ImageBuild against the EC2 test server; `ebs` overrides builder
+/// fields (null removes one). SSH goes to the loopback sshd: moto's instances are not
+/// machines.
+pub fn ebs_build(
+    f: &Fixture,
+    ec2: &Ec2Server,
+    source_ami: &str,
+    name: &str,
+    ebs: Value,
+    provisioners: Value,
+) -> Value {
+    let mut b = f.null_build(name, provisioners);
+    let mut spec_ebs = json!({
+        "region": "us-east-1",
+        "endpoint": ec2.endpoint,
+        "credentials": {"secretRef": {"name": "aws"}},
+        "sourceAMI": source_ami,
+        "instanceType": "t3.micro",
+        "amiName": format!("{}-{name}-{{{{ build.timestamp }}}}", f.ns),
+        "pollInterval": "100ms",
+        "waitTimeout": "2m",
+    });
+    for (k, v) in ebs.as_object().unwrap() {
+        if v.is_null() {
+            spec_ebs.as_object_mut().unwrap().remove(k);
+        } else {
+            spec_ebs[k] = v.clone();
+        }
+    }
+    b["spec"]["builder"] = json!({"amazonEBS": spec_ebs});
+    b["spec"]["communicator"]["ssh"]
+        .as_object_mut()
+        .unwrap()
+        .remove("privateKeySecretRef");
+    b
 }
 
 /// The EC2 test server (tests/ec2server): its endpoint and control API.

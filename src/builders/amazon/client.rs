@@ -101,17 +101,32 @@ impl Ec2 {
         if let Some(creds) = &ebs.credentials {
             let name = &creds.secret_ref.name;
             let field = "spec.builder.amazonEBS.credentials.secretRef";
-            let get = |key: &'static str| refs::secret_key(kube, namespace, name, key, field);
-            let id = get(SECRET_ACCESS_KEY_ID)
-                .await
-                .map_err(|e| StepError::Failed(e.to_string()))?;
-            let secret = get(SECRET_SECRET_ACCESS_KEY)
-                .await
-                .map_err(|e| StepError::Failed(e.to_string()))?;
-            let token = match get(SECRET_SESSION_TOKEN).await {
-                Ok(t) => Some(utf8(t.0, field)?),
-                Err(refs::RefError::MissingKey { .. }) => None,
-                Err(e) => return Err(StepError::Failed(e.to_string())),
+            let mut values = refs::secret_keys(
+                kube,
+                namespace,
+                name,
+                &[
+                    SECRET_ACCESS_KEY_ID,
+                    SECRET_SECRET_ACCESS_KEY,
+                    SECRET_SESSION_TOKEN,
+                ],
+                field,
+            )
+            .await
+            .map_err(|e| StepError::Failed(e.to_string()))?
+            .into_iter();
+            let mut required = |key: &str| {
+                values.next().flatten().ok_or_else(|| {
+                    StepError::Failed(format!(
+                        "{field}: Secret {namespace}/{name} has no key {key:?}"
+                    ))
+                })
+            };
+            let id = required(SECRET_ACCESS_KEY_ID)?;
+            let secret = required(SECRET_SECRET_ACCESS_KEY)?;
+            let token = match values.next().flatten() {
+                Some(t) => Some(utf8(t.0, field)?),
+                None => None,
             };
             loader = loader.credentials_provider(Credentials::new(
                 utf8(id.0, field)?,

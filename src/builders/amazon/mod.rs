@@ -104,8 +104,12 @@ pub fn waits(ebs: &AmazonEbsBuilder) -> Result<Waits, StepError> {
     })
 }
 
-/// Polls `check` until it yields a value, backing off from `poll` to 4x `poll`,
-/// within the budget. The task, not a controller worker, does the waiting.
+/// Polls `check` until it yields a value, within the budget. The task, not a
+/// controller worker, does the waiting.
+///
+/// The interval grows with the time already waited (a twentieth of it, from `poll`
+/// up to 4x `poll`): an hour-long copy does not poll every few seconds, yet no wait
+/// oversleeps its resource by more than about 5% of the time it took.
 pub async fn wait_for<T, F, Fut>(
     what: &str,
     waits: &Waits,
@@ -117,11 +121,11 @@ where
     Fut: std::future::Future<Output = Result<Option<T>, StepError>>,
 {
     let start = tokio::time::Instant::now();
-    let mut delay = waits.poll;
     loop {
         if let Some(v) = check().await? {
             return Ok(v);
         }
+        let delay = poll_delay(waits.poll, start.elapsed());
         if start.elapsed() + delay > waits.timeout {
             return Err(StepError::Failed(format!(
                 "timed out after {:?} waiting for {what} (spec.builder.amazonEBS.waitTimeout)",
@@ -132,8 +136,11 @@ where
             () = tokio::time::sleep(delay) => {}
             () = cancel.cancelled() => return Err(StepError::Cancelled),
         }
-        delay = (delay * 3 / 2).min(waits.poll * 4);
     }
+}
+
+fn poll_delay(poll: Duration, waited: Duration) -> Duration {
+    (waited / 20).clamp(poll, poll * 4)
 }
 
 /// Expands `{{ build.timestamp }}`, `{{ build.name }}` and friends in the AMI name.
@@ -233,6 +240,25 @@ mod tests {
         assert_eq!(
             expand_name("{{build.name}}-g{{ build.generation }}", "w", "ns", 2, 0),
             "w-g2"
+        );
+    }
+
+    #[test]
+    fn polling_backs_off_with_the_time_waited() {
+        let poll = Duration::from_secs(2);
+        assert_eq!(poll_delay(poll, Duration::ZERO), poll);
+        assert_eq!(
+            poll_delay(poll, Duration::from_secs(60)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            poll_delay(poll, Duration::from_secs(3600)),
+            Duration::from_secs(8)
+        );
+        let fast = Duration::from_millis(100);
+        assert_eq!(
+            poll_delay(fast, Duration::from_secs(5)),
+            Duration::from_millis(250)
         );
     }
 

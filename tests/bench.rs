@@ -1,0 +1,476 @@
+//! The benchmark: builds per minute, step-transition overhead, apiserver and EC2
+//! requests per build, operator footprint. Not part of the test suite (`#[ignore]`);
+//! `bash bench/run.sh` runs it on an environment of its own and writes
+//! `bench/results/*.json`.
+//!
+//! Scenarios come from `KILN_BENCH` (default: all), e.g. `null:10,ebs:1,ebs-delays:10`.
+//! Each scenario gets a fresh namespace and a fresh operator process, so its peak RSS
+//! and CPU time are that scenario's alone.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use common::{Ec2Server, Fixture, Operator, wait_until};
+use futures::StreamExt;
+use kiln::api::{BuildPhase, ImageBuild};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+/// The scaled-down realistic delay profile (seconds), from the issue.
+const DELAYS: [(&str, f64); 4] = [("boot", 3.0), ("stop", 2.0), ("image", 5.0), ("copy", 5.0)];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Null,
+    Ebs,
+    EbsDelays,
+}
+
+struct Scenario {
+    kind: Kind,
+    n: usize,
+}
+
+impl Scenario {
+    fn name(&self) -> String {
+        let k = match self.kind {
+            Kind::Null => "null",
+            Kind::Ebs => "ebs",
+            Kind::EbsDelays => "ebs-delays",
+        };
+        format!("{k}-n{}", self.n)
+    }
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let spec = std::env::var("KILN_BENCH").unwrap_or_else(|_| {
+        "null:1,null:10,null:100,null:500,ebs:1,ebs:10,ebs:100,ebs-delays:1,ebs-delays:10,ebs-delays:100"
+            .into()
+    });
+    spec.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let (k, n) = s.trim().split_once(':').expect("scenario kind:N");
+            let kind = match k {
+                "null" => Kind::Null,
+                "ebs" => Kind::Ebs,
+                "ebs-delays" => Kind::EbsDelays,
+                other => panic!("unknown scenario kind {other}"),
+            };
+            Scenario {
+                kind,
+                n: n.parse().expect("N"),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the benchmark: bash bench/run.sh"]
+async fn benchmark() {
+    let out_dir = common::repo_root().join("bench/results");
+    std::fs::create_dir_all(&out_dir).expect("bench/results");
+    let machine = machine();
+    println!("machine: {machine}");
+    let mut rows = Vec::new();
+    for s in scenarios() {
+        println!("=== {} ===", s.name());
+        let mut result = run(&s).await;
+        result["machine"] = machine.clone();
+        let path = out_dir.join(format!("{}.json", s.name()));
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&result).expect("json") + "\n",
+        )
+        .expect("write result");
+        println!("{}", serde_json::to_string_pretty(&result).expect("json"));
+        rows.push(result);
+    }
+    println!("\n{}", table(&rows));
+}
+
+/// The README's performance table for these results.
+fn table(rows: &[Value]) -> String {
+    let mut t = String::from(
+        "| scenario | builds | wall s | builds/min | transition p50 / p99 / max ms | apiserver reads / writes per build | writes per step | EC2 calls per build | peak RSS MiB | CPU s |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        t += &format!(
+            "| {} | {}/{} | {:.1} | {:.1} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {:.2} | {} | {:.1} | {:.1} |\n",
+            r["scenario"].as_str().unwrap_or(""),
+            r["succeeded"],
+            r["builds"],
+            r["wall_seconds"].as_f64().unwrap_or(0.0),
+            r["builds_per_minute"].as_f64().unwrap_or(0.0),
+            r["transition_ms"]["p50"].as_f64().unwrap_or(0.0),
+            r["transition_ms"]["p99"].as_f64().unwrap_or(0.0),
+            r["transition_ms"]["max"].as_f64().unwrap_or(0.0),
+            r["apiserver_per_build"]["reads"].as_f64().unwrap_or(0.0),
+            r["apiserver_per_build"]["writes"].as_f64().unwrap_or(0.0),
+            r["apiserver_writes_per_step"].as_f64().unwrap_or(0.0),
+            r["ec2_calls_per_build"]["total"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            r["operator"]["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            r["operator"]["cpu_seconds"].as_f64().unwrap_or(0.0),
+        );
+    }
+    t
+}
+
+async fn run(s: &Scenario) -> Value {
+    let mut fx = Fixture::new(&format!("bench-{}", s.name())).await;
+    fx.operator.kill();
+    let ec2 = (s.kind != Kind::Null).then(|| Ec2Server::from_env(&fx.env));
+    let mut source_ami = String::new();
+    if let Some(ec2) = &ec2 {
+        ec2.control("DELETE", "/_kiln/faults", None);
+        ec2.control("DELETE", "/_kiln/delays", None);
+        if s.kind == Kind::EbsDelays {
+            let delays: serde_json::Map<String, Value> = DELAYS
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            ec2.control("POST", "/_kiln/delays", Some(Value::Object(delays)));
+        }
+        source_ami = common::aws_setup(&fx, ec2).await;
+    }
+    let builds: Vec<Value> = (0..s.n)
+        .map(|i| {
+            let name = format!("b{i}");
+            let shell = json!([{"shell": {"inline": ["true"]}}]);
+            match &ec2 {
+                None => fx.null_build(&name, shell),
+                Some(ec2) => common::ebs_build(
+                    &fx,
+                    ec2,
+                    &source_ami,
+                    &name,
+                    json!({"amiRegions": ["eu-west-1"], "waitTimeout": "20m"}),
+                    shell,
+                ),
+            }
+        })
+        .collect();
+
+    let log = fx.env.dir.join("logs").join(format!("{}.json.log", fx.ns));
+    let _ = std::fs::remove_file(&log);
+    let mut op = Operator::start_custom(
+        &fx.operator_kubeconfig,
+        &fx.ns,
+        &log,
+        &["--log-format", "json"],
+        &[("KILN_LOG", "info")],
+    );
+    wait_until(Duration::from_secs(30), "operator ready", || async {
+        op.http_get("/readyz").await.ok().filter(|(c, _)| *c == 200)
+    })
+    .await;
+
+    let api_before = apiserver_requests(&fx).await;
+    if let Some(ec2) = &ec2 {
+        ec2.control("DELETE", "/_kiln/calls", None);
+    }
+    let t0 = Instant::now();
+    let created: Vec<_> = futures::stream::iter(builds.iter())
+        .map(|b| fx.create(b))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for c in created {
+        c.expect("create ImageBuild");
+    }
+    // Waiting reads the operator's own gauge: the driver adds no apiserver load.
+    let done = |text: &str| {
+        common::parse_metric(text, r#"kiln_builds{phase="Succeeded"}"#)
+            + common::parse_metric(text, r#"kiln_builds{phase="Failed"}"#)
+    };
+    let timeout = Duration::from_secs(60 + 3 * s.n as u64);
+    loop {
+        let text = op.http_get("/metrics").await.expect("scrape").1;
+        if done(&text) as usize >= s.n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "{}: {} of {} done after {:?}",
+            s.name(),
+            done(&text),
+            s.n,
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let pid = op.pid();
+    let (peak_rss_mib, cpu_seconds) = footprint(pid);
+    let api_after = apiserver_requests(&fx).await;
+    let ec2_calls = ec2.as_ref().map(|e| e.control("GET", "/_kiln/calls", None));
+    let metrics = op.http_get("/metrics").await.expect("scrape").1;
+    op.kill();
+    if let Some(ec2) = &ec2 {
+        ec2.control("DELETE", "/_kiln/delays", None);
+    }
+
+    let list = fx.api().list(&Default::default()).await.expect("list");
+    let mut succeeded = 0;
+    let mut steps = 0usize;
+    let mut failures = Vec::new();
+    for ib in &list.items {
+        let st = ib.status.clone().unwrap_or_default();
+        steps += st.steps.len();
+        if st.phase == Some(BuildPhase::Succeeded) {
+            succeeded += 1;
+        } else {
+            failures.push(format!(
+                "{}: {:?} {:?}",
+                ib.name_any(),
+                st.phase,
+                st.message
+            ));
+        }
+    }
+    let transitions = transitions(
+        &std::fs::read_to_string(&log).unwrap_or_default(),
+        &list.items,
+    );
+
+    let n = s.n as f64;
+    let delta = |k: &str| {
+        api_after.get(k).copied().unwrap_or(0.0) - api_before.get(k).copied().unwrap_or(0.0)
+    };
+    // The driver's own requests in the window: one create per build.
+    let reads = delta("reads");
+    let writes = delta("writes") - n;
+    let mut by_verb = serde_json::Map::new();
+    for (k, _) in api_after.iter().filter(|(k, _)| k.contains(' ')) {
+        let v = delta(k) - if k == "POST imagebuilds" { n } else { 0.0 };
+        if v > 0.0 {
+            by_verb.insert(k.clone(), json!(round(v / n, 2)));
+        }
+    }
+    let ec2_per_build = ec2_calls.map(|c| {
+        let mut m = serde_json::Map::new();
+        if let Some(actions) = c["actions"].as_object() {
+            for (a, v) in actions {
+                m.insert(
+                    a.clone(),
+                    json!(round(v["total"].as_f64().unwrap_or(0.0) / n, 2)),
+                );
+            }
+        }
+        m.insert(
+            "total".into(),
+            json!(round(c["total"].as_f64().unwrap_or(0.0) / n, 2)),
+        );
+        Value::Object(m)
+    });
+    let delay_sum: f64 = DELAYS.iter().map(|(_, v)| v).sum();
+    let result = json!({
+        "scenario": s.name(),
+        "builds": s.n,
+        "succeeded": succeeded,
+        "failures": failures.iter().take(10).collect::<Vec<_>>(),
+        "wall_seconds": round(wall, 2),
+        "builds_per_minute": round(n / wall * 60.0, 1),
+        "steps_per_build": round(steps as f64 / n, 2),
+        "transition_ms": percentiles(&transitions),
+        "transitions_measured": transitions.len(),
+        "apiserver_per_build": {"reads": round(reads / n, 2), "writes": round(writes / n, 2), "by_verb": by_verb},
+        "apiserver_writes_per_step": round(writes / steps.max(1) as f64, 2),
+        "ec2_calls_per_build": ec2_per_build,
+        "injected_delays_seconds": if s.kind == Kind::EbsDelays { json!(delay_sum) } else { Value::Null },
+        "wall_over_delays": if s.kind == Kind::EbsDelays { json!(round(wall / delay_sum, 3)) } else { Value::Null },
+        "operator": {
+            "peak_rss_mib": round(peak_rss_mib, 1),
+            "cpu_seconds": round(cpu_seconds, 2),
+            "status_writes": common::parse_metric(&metrics, "kiln_status_writes_total"),
+        },
+    });
+    // The namespace controller's deletions would count in the next scenario's window.
+    let nss: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(fx.client.clone());
+    let _ = nss.delete(&fx.ns, &Default::default()).await;
+    wait_until(Duration::from_secs(300), "namespace deleted", || async {
+        nss.get_opt(&fx.ns).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    result
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+/// Peak RSS (VmHWM) and user+system CPU seconds of a live process.
+fn footprint(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
+    let clk = 100.0; // USER_HZ on Linux
+    (hwm_kib / 1024.0, (ticks(11) + ticks(12)) / clk)
+}
+
+/// apiserver_request_total summed into reads and writes, over the resources the
+/// operator uses (the apiserver's own lease renewals and controllers excluded), plus
+/// a "VERB resource" breakdown.
+async fn apiserver_requests(fx: &Fixture) -> BTreeMap<String, f64> {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("request");
+    let text = fx
+        .client
+        .request_text(req)
+        .await
+        .expect("apiserver /metrics");
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let resource = label("resource");
+        if !["imagebuilds", "secrets", "configmaps", "events"].contains(&resource.as_str())
+            || !label("dry_run").is_empty()
+        {
+            continue;
+        }
+        let verb = label("verb");
+        let v: f64 = value.parse().unwrap_or(0.0);
+        let class = match verb.as_str() {
+            "GET" | "LIST" | "WATCH" => "reads",
+            _ => "writes",
+        };
+        let sub = label("subresource");
+        let key = if sub.is_empty() {
+            format!("{verb} {resource}")
+        } else {
+            format!("{verb} {resource}/{sub}")
+        };
+        *out.entry(class.to_string()).or_insert(0.0) += v;
+        *out.entry(key).or_insert(0.0) += v;
+    }
+    out
+}
+
+/// Controller overhead between steps, from the operator's JSON log: for each build,
+/// from one step's "step succeeded" to the next step's "step started" (a finished
+/// step's result is written to status in between, then the next step is spawned).
+fn transitions(log: &str, builds: &[ImageBuild]) -> Vec<f64> {
+    let ns = builds
+        .first()
+        .and_then(|b| b.namespace())
+        .unwrap_or_default();
+    // (build, step) -> (started, succeeded) timestamps in ms.
+    let mut seen: HashMap<(String, String), (Option<f64>, Option<f64>)> = HashMap::new();
+    for line in log.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let msg = v["message"].as_str().unwrap_or("");
+        if msg != "step started" && msg != "step succeeded" {
+            continue;
+        }
+        let span = &v["span"];
+        if span["namespace"].as_str() != Some(ns.as_str()) || span["kind"] != "Run" {
+            continue;
+        }
+        let (Some(build), Some(step), Some(ts)) = (
+            span["build"].as_str(),
+            span["step"].as_str(),
+            v["timestamp"].as_str(),
+        ) else {
+            continue;
+        };
+        let Ok(t) = ts.parse::<k8s_openapi::jiff::Timestamp>() else {
+            continue;
+        };
+        let ms = t.as_millisecond() as f64 + f64::from(t.subsec_microsecond() % 1000) / 1000.0;
+        let e = seen.entry((build.into(), step.into())).or_default();
+        if msg == "step started" {
+            // A resumed step starts again; the first start is the transition.
+            e.0.get_or_insert(ms);
+        } else {
+            e.1 = Some(ms);
+        }
+    }
+    let mut out = Vec::new();
+    for b in builds {
+        let name = b.name_any();
+        let steps: Vec<String> = b
+            .status
+            .as_ref()
+            .map(|s| s.steps.iter().map(|r| r.name.clone()).collect())
+            .unwrap_or_default();
+        for pair in steps.windows(2) {
+            let prev = seen.get(&(name.clone(), pair[0].clone())).and_then(|e| e.1);
+            let next = seen.get(&(name.clone(), pair[1].clone())).and_then(|e| e.0);
+            if let (Some(a), Some(b)) = (prev, next) {
+                out.push(b - a);
+            }
+        }
+    }
+    out
+}
+
+fn percentiles(v: &[f64]) -> Value {
+    if v.is_empty() {
+        return json!({"p50": null, "p99": null, "max": null});
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let at = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
+    json!({
+        "p50": round(at(0.5), 1),
+        "p90": round(at(0.9), 1),
+        "p99": round(at(0.99), 1),
+        "max": round(s[s.len() - 1], 1),
+        "mean": round(s.iter().sum::<f64>() / s.len() as f64, 1),
+    })
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |k| round(k / 1024.0 / 1024.0, 1));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "memory_gib": mem_gib,
+        "kernel": kernel.trim(),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
