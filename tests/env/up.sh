@@ -28,6 +28,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 T_ALL=$(now)
 mkdir -p "$STATE"
+# As root, sshd reads the kiln-build user's authorized keys under $STATE with that
+# user's rights: a private (0700, e.g. mktemp -d) state dir must let it through.
+[[ $(id -u) != 0 ]] || chmod go+x "$STATE"
 lock_state
 
 SUDO=
