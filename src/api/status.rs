@@ -33,6 +33,24 @@ pub struct ImageBuildStatus {
     pub started_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
+    /// The spec the build of `observedGeneration` runs with, recorded when that build
+    /// starts: its steps are run and cleaned up with it, not with a newer spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "recorded_spec_schema")]
+    pub build_spec: Option<serde_json::Value>,
+}
+
+/// `status.buildSpec` is kept as JSON the apiserver neither prunes nor validates:
+/// a status write must never fail, or cleanup stall, because a later kiln tightened
+/// a rule that the recorded spec met when its build started. It is also why the
+/// Rust type is a JSON value: an unreadable recorded spec must not make the whole
+/// object unreadable (the controller then falls back to the current spec).
+fn recorded_spec_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]

@@ -21,11 +21,15 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
-use crate::api::{BuildPhase, FINALIZER, ImageBuild, ResourceRecord};
-use crate::builders;
-use crate::engine::advance::{self, Action, Input, TaskKind, TaskState};
+use crate::api::{
+    BuildPhase, FINALIZER, ImageBuild, ImageBuildSpec, ImageBuildStatus, ResourceRecord, StepRecord,
+};
+use crate::builders::{self, PlanError};
+use crate::engine::advance::{self, Action, Input, PlanView, TaskKind, TaskState};
 use crate::engine::runner::{Runner, WakeKey, Work};
-use crate::engine::{BuildFacts, BuildOutcome, CleanupContext, RecordSink, StepContext};
+use crate::engine::{
+    BuildFacts, BuildOutcome, CleanupContext, Plan, RecordSink, Step, StepContext,
+};
 use crate::serve::{self, Health};
 use crate::{leader, metrics};
 
@@ -37,6 +41,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("ImageBuild has no {0}")]
     MissingField(&'static str),
+    #[error("serializing the spec for status.buildSpec: {0}")]
+    Serialize(serde_json::Error),
 }
 
 pub struct Settings {
@@ -225,22 +231,25 @@ fn error_policy(obj: Arc<ImageBuild>, err: &Error, _ctx: Arc<Context>) -> Requeu
 async fn reconcile(obj: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let ns = obj.namespace().ok_or(Error::MissingField("namespace"))?;
     let name = obj.name_any();
-    let span = info_span!("reconcile", namespace = %ns, name = %name);
+    let span = info_span!("reconcile", namespace = %ns, build = %name);
     let started = Instant::now();
-    let result = reconcile_one(ns, name, ctx).instrument(span).await;
+    let uid = obj.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let result = reconcile_one(ns, name, uid, ctx).instrument(span).await;
     metrics::get().reconciled(result.is_ok(), started.elapsed());
     result
 }
 
-async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Requeue, Error> {
+async fn reconcile_one(
+    ns: String,
+    name: String,
+    uid: String,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
     let api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cache may lag our own writes; a fresh read keeps decisions on current status.
-    let Some(obj) = api.get_opt(&name).await? else {
-        return Ok(Requeue::await_change());
-    };
-    let uid = obj.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let lock = ctx.runner.lock(&uid);
     let _guard = lock.lock().await;
+    // The cache may lag our own writes; a fresh read under the build's lock keeps
+    // decisions on current status. A recreated object (another uid) waits for its own event.
     let obj = match api.get_opt(&name).await? {
         Some(o) if o.uid().as_deref() == Some(uid.as_str()) => o,
         _ => return Ok(Requeue::await_change()),
@@ -256,18 +265,17 @@ async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Re
         return Ok(Requeue::await_change());
     }
 
-    let plan = builders::plan(&obj.spec);
-    let names = plan
-        .as_ref()
-        .map(|p| p.iter().map(|s| s.name().to_string()).collect::<Vec<_>>())
-        .map_err(ToString::to_string);
-    let needs_cleanup = |i: usize, rec: &crate::api::StepRecord| match &plan {
-        Ok(p) => p.get(i).is_some_and(|s| s.needs_cleanup(rec)),
-        // Without a plan there is no step code; anything created must still go.
-        Err(_) => rec.resources.iter().any(|r| r.created),
-    };
     let generation = obj.metadata.generation.unwrap_or(1);
     let old_status = obj.status.clone().unwrap_or_default();
+    // A new build uses the current spec; the build status records (possibly of an
+    // older generation, being cleaned up) uses the spec it recorded, so that its steps
+    // are undone by the code, region and credentials that made them.
+    let current = Planned::new(Arc::new(obj.spec.clone()));
+    let recorded = recorded_spec(&old_status).map(Planned::new);
+    let recorded_view = recorded.as_ref().unwrap_or(&current);
+    let current_needs = current.needs_cleanup();
+    let recorded_needs = recorded_view.needs_cleanup();
+    let spec_json = serde_json::to_value(&obj.spec).map_err(Error::Serialize)?;
     let task = ctx.runner.state(&uid);
     let decision = advance::advance(&Input {
         status: &old_status,
@@ -275,33 +283,55 @@ async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Re
         deleting,
         on_error: obj.spec.on_error,
         builder: obj.spec.builder.kind(),
-        plan: names,
-        needs_cleanup: &needs_cleanup,
+        spec: &spec_json,
+        plan: PlanView {
+            steps: current.names(),
+            needs_cleanup: &current_needs,
+        },
+        recorded: PlanView {
+            steps: recorded_view.names(),
+            needs_cleanup: &recorded_needs,
+        },
         task: &task,
         now: Timestamp::now(),
     });
 
     if decision.status != old_status {
-        status::apply(&api, &obj, &decision.status).await?;
+        let written = status::apply(&api, &obj, &decision.status).await?;
+        // An installed CRD older than this kiln prunes the field (`helm upgrade` does
+        // not update CRDs): spec changes mid-build then fall back to name matching.
+        if decision.status.build_spec.is_some()
+            && written.status.is_some_and(|s| s.build_spec.is_none())
+        {
+            tracing::warn!(
+                "the installed ImageBuild CRD drops status.buildSpec: update the CRD to this kiln's version"
+            );
+        }
     }
 
-    let facts = Arc::new(BuildFacts {
-        name: name.clone(),
-        namespace: ns.clone(),
-        uid: uid.clone(),
-        generation: decision.status.observed_generation.unwrap_or(generation),
-        builder: obj.spec.builder.kind(),
-    });
     let mut requeue = Requeue::await_change();
     for action in decision.actions {
         match action {
             Action::Spawn(key) => {
-                let Ok(plan) = &plan else { continue };
-                let Some(step) = plan.get(key.index).cloned() else {
+                // The same choice the engine made the key with.
+                let source = if advance::uses_recorded_plan(&old_status, key.generation) {
+                    recorded_view
+                } else {
+                    &current
+                };
+                let Some(step) = source.step(key.step) else {
+                    tracing::error!(?key, "internal: the plan has no step for a spawned task");
                     continue;
                 };
+                let facts = Arc::new(BuildFacts {
+                    name: name.clone(),
+                    namespace: ns.clone(),
+                    uid: uid.clone(),
+                    generation: key.generation,
+                    builder: source.spec.builder.kind(),
+                });
                 let rec = decision.status.steps.get(key.index).cloned();
-                let span = info_span!("step", namespace = %ns, name = %name, step = %step.name(), kind = ?key.kind);
+                let span = info_span!("step", namespace = %ns, build = %name, step = %step.name(), kind = ?key.kind);
                 let work = match key.kind {
                     TaskKind::Run => {
                         let outputs: BTreeMap<String, String> = decision
@@ -315,7 +345,7 @@ async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Re
                             step.clone(),
                             StepContext {
                                 facts: facts.clone(),
-                                spec: Arc::new(obj.spec.clone()),
+                                spec: source.spec.clone(),
                                 client: ctx.client.clone(),
                                 cancel: ctx.runner.token(),
                                 outputs,
@@ -332,7 +362,7 @@ async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Re
                             step.clone(),
                             CleanupContext {
                                 facts: facts.clone(),
-                                spec: Arc::new(obj.spec.clone()),
+                                spec: source.spec.clone(),
                                 client: ctx.client.clone(),
                                 record,
                                 outputs: decision
@@ -378,6 +408,48 @@ async fn reconcile_one(ns: String, name: String, ctx: Arc<Context>) -> Result<Re
     Ok(requeue)
 }
 
+/// A spec and the plan made from it.
+struct Planned {
+    spec: Arc<ImageBuildSpec>,
+    plan: Result<Plan, PlanError>,
+}
+
+impl Planned {
+    fn new(spec: Arc<ImageBuildSpec>) -> Self {
+        let plan = builders::plan(&spec);
+        Planned { spec, plan }
+    }
+
+    fn names(&self) -> Result<Vec<String>, String> {
+        self.plan
+            .as_ref()
+            .map(|p| p.iter().map(|s| s.name().to_string()).collect())
+            .map_err(ToString::to_string)
+    }
+
+    fn step(&self, i: usize) -> Option<Arc<dyn Step>> {
+        self.plan.as_ref().ok()?.get(i).cloned()
+    }
+
+    fn needs_cleanup(&self) -> impl Fn(usize, &StepRecord) -> bool + '_ {
+        |i, rec| self.step(i).is_some_and(|s| s.needs_cleanup(rec))
+    }
+}
+
+/// The spec `status.buildSpec` recorded for the build in status, if it can be read.
+/// `None` for status written by an older kiln (or a recorded spec this kiln cannot
+/// read): its steps are then matched by name against the current spec's plan.
+fn recorded_spec(status: &ImageBuildStatus) -> Option<Arc<ImageBuildSpec>> {
+    let value = status.build_spec.as_ref()?;
+    match serde_json::from_value::<ImageBuildSpec>(value.clone()) {
+        Ok(spec) => Some(Arc::new(spec)),
+        Err(e) => {
+            tracing::warn!(error = %e, "status.buildSpec is unreadable; using the current spec for the recorded steps, matched by name");
+            None
+        }
+    }
+}
+
 fn outcome(s: &crate::api::ImageBuildStatus, deleting: bool, generation: i64) -> BuildOutcome {
     use crate::api::StepPhase;
     if deleting || s.observed_generation != Some(generation) {
@@ -393,6 +465,8 @@ fn outcome(s: &crate::api::ImageBuildStatus, deleting: bool, generation: i64) ->
     }
 }
 
+/// Events are published in the background: a step transition should not wait for
+/// two more apiserver round trips, and a lost event loses no state.
 async fn publish(ctx: &Context, obj: &ImageBuild, warning: bool, reason: &str, note: String) {
     let ev = Event {
         type_: if warning {
@@ -405,9 +479,17 @@ async fn publish(ctx: &Context, obj: &ImageBuild, warning: bool, reason: &str, n
         action: reason.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-        tracing::warn!(error = %e, reason, "could not publish event");
-    }
+    let recorder = ctx.recorder.clone();
+    let reference = obj.object_ref(&());
+    let reason = reason.to_string();
+    tokio::spawn(
+        async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, reason, "could not publish event");
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// Writes resources a running step records, under the build's lock so it never

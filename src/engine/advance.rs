@@ -27,7 +27,12 @@ pub enum TaskKind {
 pub struct TaskKey {
     pub generation: i64,
     pub kind: TaskKind,
+    /// The step's record in `status.steps`.
     pub index: usize,
+    /// The step's code: its index in the plan of the build's generation (see
+    /// [`uses_recorded_plan`]), found by name, which is the same index unless the
+    /// plan no longer matches the recorded steps.
+    pub step: usize,
     pub attempt: u32,
 }
 
@@ -52,12 +57,42 @@ pub struct Input<'a> {
     pub deleting: bool,
     pub on_error: OnError,
     pub builder: &'a str,
-    /// Step names of the plan for the current spec, or why there is none.
-    pub plan: Result<Vec<String>, String>,
-    /// Which steps have anything to clean up, by index (from the plan's steps).
-    pub needs_cleanup: &'a dyn Fn(usize, &StepRecord) -> bool,
+    /// The current spec, as a build of `generation` records it in `status.buildSpec`.
+    pub spec: &'a serde_json::Value,
+    /// The plan made from the current spec: what a build of `generation` records and runs.
+    pub plan: PlanView<'a>,
+    /// The plan the steps already in `status` run and are cleaned up with: made from
+    /// `status.buildSpec`, the spec their generation recorded, or from the current spec
+    /// when an older kiln recorded none (then only steps whose names it has are trusted).
+    pub recorded: PlanView<'a>,
     pub task: &'a TaskState,
     pub now: Timestamp,
+}
+
+/// A plan as the engine needs it: the steps' names and what each has to clean up.
+pub struct PlanView<'a> {
+    /// Step names in order, or why no plan can be made.
+    pub steps: Result<Vec<String>, String>,
+    /// Whether step `i` of this plan has anything to clean up, given its record.
+    pub needs_cleanup: &'a dyn Fn(usize, &StepRecord) -> bool,
+}
+
+/// Whether the steps of `generation` run and are cleaned up with the plan of the
+/// recorded build (`Input::recorded`) rather than the current spec's: they do when
+/// `status` records that generation. A spec is a function of its generation, so when
+/// the recorded generation is the current one both plans are the same.
+pub fn uses_recorded_plan(status: &ImageBuildStatus, generation: i64) -> bool {
+    status.observed_generation == Some(generation)
+}
+
+impl Input<'_> {
+    fn plan_of(&self, generation: i64) -> &PlanView<'_> {
+        if uses_recorded_plan(self.status, generation) {
+            &self.recorded
+        } else {
+            &self.plan
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +122,10 @@ pub fn advance(input: &Input<'_>) -> Decision {
     };
     let s = &mut d.status;
     let now = Time(input.now);
+    // An older kiln did not record the spec; the current generation's is the current one.
+    if s.build_spec.is_none() && s.observed_generation == Some(input.generation) {
+        s.build_spec = Some(input.spec.clone());
+    }
 
     match input.task {
         TaskState::Running { cancelling, .. } => {
@@ -115,7 +154,8 @@ pub fn advance(input: &Input<'_>) -> Decision {
     }
 
     // Bounded: each pass either acts or moves a step or the phase strictly forward.
-    let passes = input.status.steps.len() * 2 + input.plan.as_ref().map_or(0, Vec::len) * 2 + 8;
+    let passes =
+        input.status.steps.len() * 2 + input.plan.steps.as_ref().map_or(0, Vec::len) * 2 + 8;
     for _ in 0..passes {
         if !step(&mut d, input, &now) {
             break;
@@ -132,8 +172,12 @@ fn step(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
 
     if input.deleting {
         abandon_running(s, "cancelled: the ImageBuild is being deleted", now);
-        return match next_cleanup(s) {
+        return match next_cleanup(s, input) {
             Some(i) => start_cleanup(d, input, i),
+            None if owes_cleanup(s) => {
+                hold(d, input);
+                false
+            }
             None => {
                 d.actions.push(Action::RemoveFinalizer);
                 false
@@ -149,7 +193,7 @@ fn step(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
         Some(BuildPhase::Succeeded | BuildPhase::Failed)
             if superseded || s.observed_generation.is_none() =>
         {
-            if next_cleanup(s).is_some() {
+            if owes_cleanup(s) {
                 // onError: keep left resources; they go before the next build starts.
                 s.phase = Some(BuildPhase::CleaningUp);
                 return true;
@@ -165,8 +209,12 @@ fn step(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
             true
         }
         Some(BuildPhase::Pending | BuildPhase::Running) => run_next(d, input, now),
-        Some(BuildPhase::CleaningUp) => match next_cleanup(s) {
+        Some(BuildPhase::CleaningUp) => match next_cleanup(s, input) {
             Some(i) => start_cleanup(d, input, i),
+            None if owes_cleanup(s) => {
+                hold(d, input);
+                false
+            }
             None => {
                 complete(d, input, now);
                 superseded
@@ -181,7 +229,8 @@ fn start_build(d: &mut Decision, input: &Input<'_>, now: &Time) {
     s.started_at = Some(now.clone());
     s.completed_at = None;
     s.current_step = None;
-    match &input.plan {
+    s.build_spec = Some(input.spec.clone());
+    match &input.plan.steps {
         Ok(names) => {
             s.steps = names.iter().map(StepRecord::pending).collect();
             s.phase = Some(BuildPhase::Running);
@@ -245,6 +294,23 @@ fn run_next(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
             }
         }
         StepPhase::Pending | StepPhase::Running => {
+            let Some(step) = find_step(&input.plan_of(generation).steps, i, &rec.name) else {
+                // Only when this kiln makes other steps from the spec than the one that
+                // recorded them: failing the step lets cleanup run.
+                let why = format!(
+                    "this version of kiln has no step {} for the spec of generation {generation}",
+                    rec.name
+                );
+                rec.phase = StepPhase::Failed;
+                rec.finished_at = Some(now.clone());
+                rec.message = Some(why.clone());
+                d.actions.push(Action::Event {
+                    warning: true,
+                    reason: "StepFailed",
+                    note: why,
+                });
+                return true;
+            };
             let resumed = rec.phase == StepPhase::Running;
             rec.phase = StepPhase::Running;
             rec.attempts += 1;
@@ -260,6 +326,7 @@ fn run_next(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
                 generation,
                 kind: TaskKind::Run,
                 index: i,
+                step,
                 attempt,
             }));
             d.actions.push(Action::Event {
@@ -286,11 +353,16 @@ fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
     let s = &mut d.status;
     s.phase = Some(BuildPhase::CleaningUp);
     let generation = s.observed_generation.unwrap_or(input.generation);
+    let step = match owed(s, input, i) {
+        Cleanup::Run(step) => step,
+        Cleanup::NotNeeded => {
+            s.steps[i].cleanup = CleanupPhase::NotNeeded;
+            return true;
+        }
+        // `next_cleanup` passes these by; never mark them done.
+        Cleanup::NoCode => return false,
+    };
     let rec = &mut s.steps[i];
-    if !(input.needs_cleanup)(i, rec) {
-        rec.cleanup = CleanupPhase::NotNeeded;
-        return true;
-    }
     rec.cleanup_attempts += 1;
     let name = rec.name.clone();
     let attempt = rec.cleanup_attempts;
@@ -299,6 +371,7 @@ fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
         generation,
         kind: TaskKind::Cleanup,
         index: i,
+        step,
         attempt,
     }));
     if attempt == 1 {
@@ -437,11 +510,104 @@ fn take_result(
     }
 }
 
-/// Last started step whose cleanup is still owed: cleanup walks backwards.
-fn next_cleanup(s: &ImageBuildStatus) -> Option<usize> {
-    s.steps
-        .iter()
-        .rposition(|r| r.started() && r.cleanup == CleanupPhase::Pending)
+/// Where the step named `name`, recorded at `index`, is in a plan: by name, so a
+/// plan that does not match the recorded steps (an older kiln recorded no spec, and
+/// the spec changed) never runs or cleans up a different step in its place.
+fn find_step(plan: &Result<Vec<String>, String>, index: usize, name: &str) -> Option<usize> {
+    let names = plan.as_ref().ok()?;
+    if names.get(index).is_some_and(|n| n == name) {
+        return Some(index);
+    }
+    names.iter().position(|n| n == name)
+}
+
+/// What cleaning up a started step takes.
+enum Cleanup {
+    /// Run the cleanup of this step of the plan.
+    Run(usize),
+    NotNeeded,
+    /// Resources were created, but there is no step code to remove them with.
+    NoCode,
+}
+
+fn owed(s: &ImageBuildStatus, input: &Input<'_>, i: usize) -> Cleanup {
+    let rec = &s.steps[i];
+    let generation = s.observed_generation.unwrap_or(input.generation);
+    let plan = input.plan_of(generation);
+    match find_step(&plan.steps, i, &rec.name) {
+        Some(step) if (plan.needs_cleanup)(step, rec) => Cleanup::Run(step),
+        Some(_) => Cleanup::NotNeeded,
+        // Without step code nothing can be found by tag or name; only records are known.
+        None if rec.resources.iter().any(|r| r.created) => Cleanup::NoCode,
+        None => Cleanup::NotNeeded,
+    }
+}
+
+fn owes(r: &StepRecord) -> bool {
+    r.started() && r.cleanup == CleanupPhase::Pending
+}
+
+/// Whether any started step still owes cleanup, including ones that cannot run.
+fn owes_cleanup(s: &ImageBuildStatus) -> bool {
+    s.steps.iter().any(owes)
+}
+
+/// Last started step whose cleanup is still owed and can be decided: cleanup walks
+/// backwards, past steps without code (they are held, see [`hold`]), so that what
+/// can be removed is removed.
+fn next_cleanup(s: &ImageBuildStatus, input: &Input<'_>) -> Option<usize> {
+    (0..s.steps.len())
+        .rev()
+        .find(|&i| owes(&s.steps[i]) && !matches!(owed(s, input, i), Cleanup::NoCode))
+}
+
+/// Cleanup is owed that no step code can do: say so, on the step and the build, and
+/// wait. Dropping the records would leak what they name; kiln never does. A spec
+/// change (e.g. back to that generation's spec) is looked at again; so is a status
+/// edit that marks the step's cleanup `Done` once the resources are removed by hand.
+fn hold(d: &mut Decision, input: &Input<'_>) {
+    let s = &mut d.status;
+    let generation = s.observed_generation.unwrap_or(input.generation);
+    let why = match (&input.plan_of(generation).steps, s.build_spec.is_some()) {
+        (Err(e), _) => format!("no steps can be made from its spec: {e}"),
+        (Ok(_), true) => "this version of kiln makes no such step from its spec".to_string(),
+        (Ok(_), false) => format!(
+            "its spec was not recorded (status.buildSpec) by the kiln that ran it, and the current spec of generation {} has no such step",
+            input.generation
+        ),
+    };
+    let mut names = Vec::new();
+    for rec in s.steps.iter_mut().filter(|r| owes(r)) {
+        let left: Vec<String> = rec
+            .resources
+            .iter()
+            .filter(|r| r.created)
+            .map(|r| match &r.region {
+                Some(region) => format!("{} {} in {region}", r.kind, r.id),
+                None => format!("{} {}", r.kind, r.id),
+            })
+            .collect();
+        let msg = truncate(&format!(
+            "cannot clean up {}: kiln has no code for step {} of generation {generation} ({why}); restore that spec, or remove them by hand and set this step's cleanup to Done",
+            left.join(", "),
+            rec.name
+        ));
+        if rec.cleanup_message.as_deref() != Some(msg.as_str()) {
+            d.actions.push(Action::Event {
+                warning: true,
+                reason: "CleanupFailed",
+                note: msg.clone(),
+            });
+            rec.cleanup_message = Some(msg);
+        }
+        names.push(rec.name.clone());
+    }
+    s.phase = Some(BuildPhase::CleaningUp);
+    s.current_step = None;
+    s.message = Some(truncate(&format!(
+        "cleanup of generation {generation} is blocked: no step code for {} (see their cleanupMessage)",
+        names.join(", ")
+    )));
 }
 
 /// A step recorded as running whose task is gone (deleted or superseded build).

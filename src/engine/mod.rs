@@ -4,6 +4,8 @@
 //! alone plus what the in-memory [`runner`] knows about the one task it may be
 //! running for a build, what the next status is and what to do next. The controller
 //! writes that status before it acts, so a restarted operator sees every decision.
+//! The steps status records are run and cleaned up with the plan made from the spec
+//! their generation recorded (`status.buildSpec`), never with a newer spec's.
 
 pub mod advance;
 pub mod runner;

@@ -14,6 +14,17 @@ fn created(_: usize, r: &StepRecord) -> bool {
     r.resources.iter().any(|r| r.created)
 }
 
+fn spec() -> serde_json::Value {
+    serde_json::json!({"builder": {"null": {}}, "provisioners": [{"shell": {"inline": ["true"]}}]})
+}
+
+fn view(steps: Result<Vec<String>, String>) -> PlanView<'static> {
+    PlanView {
+        steps,
+        needs_cleanup: &created,
+    }
+}
+
 fn decide(
     status: &ImageBuildStatus,
     task: &TaskState,
@@ -36,8 +47,9 @@ fn decide_gen(
         deleting,
         on_error,
         builder: "null",
-        plan: names(),
-        needs_cleanup: &created,
+        spec: &spec(),
+        plan: view(names()),
+        recorded: view(names()),
         task,
         now: now(),
     })
@@ -87,6 +99,7 @@ fn a_new_build_records_all_steps_and_starts_the_first() {
             generation: 1,
             kind: TaskKind::Run,
             index: 0,
+            step: 0,
             attempt: 1
         })
     );
@@ -428,8 +441,9 @@ fn an_invalid_plan_fails_without_steps() {
         deleting: false,
         on_error: OnError::Cleanup,
         builder: "amazon-ebs",
-        plan: Err("spec.builder.amazonEBS: not available".into()),
-        needs_cleanup: &created,
+        spec: &spec(),
+        plan: view(Err("spec.builder.amazonEBS: not available".into())),
+        recorded: view(Err("spec.builder.amazonEBS: not available".into())),
         task: &TaskState::None,
         now: now(),
     });
@@ -454,4 +468,326 @@ fn artifacts_history_is_bounded() {
     trim_artifacts(&mut a);
     assert_eq!(a.len(), ARTIFACT_HISTORY);
     assert_eq!(a[0].generation, 5);
+}
+
+// ------------------------------------------- a spec change: which plan, which spec
+
+fn named(names: &[&str]) -> Result<Vec<String>, String> {
+    Ok(names.iter().map(|n| n.to_string()).collect())
+}
+
+/// A step that ran and created `kind` (if any).
+fn ran(name: &str, kind: Option<&str>) -> StepRecord {
+    let mut r = StepRecord::pending(name);
+    r.phase = StepPhase::Succeeded;
+    r.attempts = 1;
+    if let Some(kind) = kind {
+        r.resources.push(ResourceRecord {
+            kind: kind.into(),
+            id: format!("{kind}-1"),
+            region: Some("us-east-1".into()),
+            created: true,
+        });
+    }
+    r
+}
+
+/// Generation 1 recorded `steps` and `spec`, and is running its last started step.
+fn recorded_build(spec: Option<serde_json::Value>, steps: Vec<StepRecord>) -> ImageBuildStatus {
+    ImageBuildStatus {
+        observed_generation: Some(1),
+        phase: Some(BuildPhase::Running),
+        build_spec: spec,
+        steps,
+        ..Default::default()
+    }
+}
+
+struct Spec2<'a> {
+    status: &'a ImageBuildStatus,
+    task: &'a TaskState,
+    deleting: bool,
+    plan: PlanView<'a>,
+    recorded: PlanView<'a>,
+}
+
+/// A decision for generation 2, whose spec is `spec2()`.
+fn decide2(i: Spec2<'_>) -> Decision {
+    advance(&Input {
+        status: i.status,
+        generation: 2,
+        deleting: i.deleting,
+        on_error: OnError::Cleanup,
+        builder: "null",
+        spec: &spec2(),
+        plan: i.plan,
+        recorded: i.recorded,
+        task: i.task,
+        now: now(),
+    })
+}
+
+fn spec2() -> serde_json::Value {
+    serde_json::json!({"builder": {"null": {}}, "provisioners": []})
+}
+
+fn cleanup_done(d: &Decision) -> TaskState {
+    TaskState::Finished {
+        key: spawned(d).expect("a cleanup spawn"),
+        result: TaskResult::Cleanup(Ok(())),
+    }
+}
+
+fn never(_: usize, _: &StepRecord) -> bool {
+    panic!("the current spec's plan was asked about a step of the recorded build")
+}
+
+fn always(_: usize, _: &StepRecord) -> bool {
+    true
+}
+
+#[test]
+fn a_superseded_build_is_cleaned_up_with_the_plan_it_recorded_then_the_new_spec_builds() {
+    // Generation 2 added a provisioner and dropped a copy: its step list is shifted.
+    let recorded_names = ["key-pair", "instance", "shell-1", "stop-instance"];
+    let current_names = ["key-pair", "instance", "shell-1", "shell-2", "copy-image"];
+    let mut steps = vec![
+        ran("key-pair", Some("KeyPair")),
+        ran("instance", Some("Instance")),
+        ran("shell-1", None),
+        StepRecord::pending("stop-instance"),
+    ];
+    steps[2].phase = StepPhase::Running;
+    let spec1 = serde_json::json!({"builder": {"amazonEBS": {"region": "us-east-1"}}});
+    let status = recorded_build(Some(spec1.clone()), steps);
+
+    let d = decide2(Spec2 {
+        status: &status,
+        task: &TaskState::None,
+        deleting: false,
+        plan: PlanView {
+            steps: named(&current_names),
+            needs_cleanup: &never,
+        },
+        recorded: PlanView {
+            steps: named(&recorded_names),
+            needs_cleanup: &always,
+        },
+    });
+    // shell-1 (no resources, but the recorded plan says it needs cleanup) goes first.
+    let key = spawned(&d).unwrap();
+    assert_eq!(
+        (key.generation, key.kind, key.index, key.step),
+        (1, TaskKind::Cleanup, 2, 2)
+    );
+    assert_eq!(d.status.steps[2].phase, StepPhase::Cancelled);
+    assert_eq!(
+        d.status.build_spec.as_ref(),
+        Some(&spec1),
+        "the old spec stays recorded while its steps are cleaned up"
+    );
+
+    let mut d = d;
+    for next in [Some(1), Some(0), None] {
+        d = decide2(Spec2 {
+            status: &d.status,
+            task: &cleanup_done(&d),
+            deleting: false,
+            plan: PlanView {
+                steps: named(&current_names),
+                needs_cleanup: &never,
+            },
+            recorded: PlanView {
+                steps: named(&recorded_names),
+                needs_cleanup: &always,
+            },
+        });
+        if let Some(index) = next {
+            let key = spawned(&d).unwrap();
+            assert_eq!(
+                (key.generation, key.kind, key.index, key.step),
+                (1, TaskKind::Cleanup, index, index)
+            );
+        }
+    }
+    // The last cleanup finished in the same decision that starts generation 2: with
+    // the current plan's steps, and the current spec recorded.
+    assert_eq!(d.status.observed_generation, Some(2));
+    assert_eq!(d.status.build_spec, Some(spec2()));
+    let names: Vec<&str> = d.status.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, current_names);
+    let key = spawned(&d).unwrap();
+    assert_eq!(
+        (key.generation, key.kind, key.index, key.step),
+        (2, TaskKind::Run, 0, 0)
+    );
+    assert!(uses_recorded_plan(&d.status, key.generation));
+    assert!(!uses_recorded_plan(&status, key.generation));
+}
+
+#[test]
+fn a_new_build_records_its_spec_and_an_older_kilns_status_gets_it_only_for_its_own_generation() {
+    let d = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    assert_eq!(d.status.build_spec, Some(spec()));
+
+    // Written by an older kiln, the current generation: its spec is the current one.
+    let mut old = d.status.clone();
+    old.build_spec = None;
+    let running = TaskState::Running {
+        key: spawned(&d).unwrap(),
+        cancelling: false,
+    };
+    let d1 = decide(&old, &running, false, OnError::Cleanup);
+    assert_eq!(d1.status.build_spec, Some(spec()));
+
+    // An older generation: its spec is unknown, nothing is recorded for it.
+    let d2 = decide_gen(&old, &running, false, OnError::Cleanup, 2);
+    assert_eq!(d2.status.build_spec, None);
+}
+
+/// Status from a kiln that recorded no spec, superseded by a spec whose plan has
+/// other steps: the plan is the current spec's, matched by name.
+fn legacy() -> ImageBuildStatus {
+    let mut steps = vec![
+        ran("connect", None),
+        ran("key-pair", Some("KeyPair")),
+        ran("shell-1", None),
+        ran("create-image", Some("Image")),
+        StepRecord::pending("copy-image-eu-west-1"),
+    ];
+    steps[3].phase = StepPhase::Running;
+    recorded_build(None, steps)
+}
+
+const LEGACY_PLAN: [&str; 4] = ["connect", "shell-1", "shell-2", "create-image"];
+
+fn decide_legacy(status: &ImageBuildStatus, task: &TaskState, deleting: bool) -> Decision {
+    decide2(Spec2 {
+        status,
+        task,
+        deleting,
+        plan: view(named(&LEGACY_PLAN)),
+        recorded: view(named(&LEGACY_PLAN)),
+    })
+}
+
+#[test]
+fn without_a_recorded_spec_only_steps_found_by_name_are_cleaned_up_and_the_rest_is_held() {
+    let d = decide_legacy(&legacy(), &TaskState::None, false);
+    // create-image is at the same index in both; found there.
+    let key = spawned(&d).unwrap();
+    assert_eq!((key.kind, key.index, key.step), (TaskKind::Cleanup, 3, 3));
+
+    let d = decide_legacy(&d.status, &cleanup_done(&d), false);
+    let s = &d.status;
+    assert_eq!(s.steps[3].cleanup, CleanupPhase::Done);
+    // shell-1 is index 1 of the plan, not index 2 (shell-2); it created nothing.
+    assert_eq!(s.steps[2].cleanup, CleanupPhase::NotNeeded);
+    // connect is before key-pair, but cleanup goes on past a step it cannot do.
+    assert_eq!(s.steps[0].cleanup, CleanupPhase::NotNeeded);
+    // key-pair has no code in this plan and created a key pair: never marked done.
+    assert_eq!(s.steps[1].cleanup, CleanupPhase::Pending);
+    let msg = s.steps[1].cleanup_message.as_deref().unwrap();
+    assert!(
+        msg.contains("KeyPair KeyPair-1 in us-east-1") && msg.contains("status.buildSpec"),
+        "{msg}"
+    );
+    assert!(spawned(&d).is_none());
+    assert_eq!(s.phase, Some(BuildPhase::CleaningUp));
+    assert_eq!(s.observed_generation, Some(1), "generation 2 waits");
+    assert!(s.message.as_deref().unwrap().contains("blocked"));
+    assert!(d.actions.iter().any(|a| matches!(
+        a,
+        Action::Event {
+            warning: true,
+            reason: "CleanupFailed",
+            ..
+        }
+    )));
+    assert_eq!(cond(s, "Reconciling"), "True");
+
+    // Looked at again: no new write, no repeated event.
+    let again = decide_legacy(&d.status, &TaskState::None, false);
+    assert_eq!(again.status, d.status);
+    assert!(again.actions.is_empty(), "{:?}", again.actions);
+
+    // Nor does deletion drop it: the finalizer stays.
+    let del = decide_legacy(&d.status, &TaskState::None, true);
+    assert!(!del.actions.contains(&Action::RemoveFinalizer));
+    assert_eq!(del.status.steps[1].cleanup, CleanupPhase::Pending);
+
+    // A spec whose plan has the step again (e.g. generation 1's restored) cleans it up.
+    let restored = ["connect", "key-pair", "shell-1", "create-image"];
+    let d = decide2(Spec2 {
+        status: &d.status,
+        task: &TaskState::None,
+        deleting: false,
+        plan: view(named(&restored)),
+        recorded: view(named(&restored)),
+    });
+    let key = spawned(&d).unwrap();
+    assert_eq!((key.kind, key.index, key.step), (TaskKind::Cleanup, 1, 1));
+}
+
+#[test]
+fn without_any_plan_nothing_created_is_marked_done() {
+    let d = decide2(Spec2 {
+        status: &legacy(),
+        task: &TaskState::None,
+        deleting: true,
+        plan: view(Err("spec.builder: exactly one builder must be set".into())),
+        recorded: view(Err("spec.builder: exactly one builder must be set".into())),
+    });
+    assert!(spawned(&d).is_none());
+    assert!(!d.actions.contains(&Action::RemoveFinalizer));
+    let s = &d.status;
+    assert_eq!(s.steps[1].cleanup, CleanupPhase::Pending);
+    assert_eq!(s.steps[3].cleanup, CleanupPhase::Pending);
+    assert_eq!(s.steps[0].cleanup, CleanupPhase::NotNeeded);
+    assert!(
+        s.steps[3]
+            .cleanup_message
+            .as_deref()
+            .unwrap()
+            .contains("exactly one builder")
+    );
+}
+
+#[test]
+fn a_recorded_step_this_kiln_cannot_run_fails_and_is_not_replaced_by_another() {
+    let d0 = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    // A newer kiln resumes the build; its plan for the recorded spec lacks shell-1.
+    let plan = named(&["connect", "file-2"]);
+    let d1 = advance(&Input {
+        status: &d0.status,
+        generation: 1,
+        deleting: false,
+        on_error: OnError::Cleanup,
+        builder: "null",
+        spec: &spec(),
+        plan: view(plan.clone()),
+        recorded: view(plan),
+        task: &finished_run(&d0, Ok(StepOutput::default())),
+        now: now(),
+    });
+    assert_eq!(d1.status.steps[1].phase, StepPhase::Failed);
+    assert!(
+        d1.status.steps[1]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("no step shell-1")
+    );
+    assert!(spawned(&d1).is_none(), "{:?}", d1.actions);
+    assert_eq!(d1.status.phase, Some(BuildPhase::Failed));
 }
