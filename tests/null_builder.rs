@@ -21,6 +21,21 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
     let f = Fixture::new("happy").await;
     let dir = f.host_dir.display().to_string();
     let secret_value = format!("s3cr3t-{}", common::short_id());
+    let secret_digest = {
+        use std::io::Write;
+        let mut c = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sha256sum");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(secret_value.as_bytes())
+            .expect("write");
+        let out = c.wait_with_output().expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout)[..64].to_string()
+    };
     let cms: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
     cms.create(
         &PostParams::default(),
@@ -55,7 +70,8 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
                 "inline": [
                     format!("echo \"hello $GREETING from $KILN_BUILD_NAME\" > {dir}/shell.out"),
                     format!("echo \"$KILN_BUILD_NAMESPACE $KILN_BUILDER $KILN_HOST $KILN_BUILD_UID\" >> {dir}/shell.out"),
-                    format!("test \"$API_TOKEN\" = '{secret_value}' && echo token-ok >> {dir}/shell.out"),
+                    // Compare a digest: the spec (and so status.buildSpec) must not hold the value.
+                    format!("test \"$(printf %s \"$API_TOKEN\" | sha256sum | cut -c1-64)\" = '{secret_digest}' && echo token-ok >> {dir}/shell.out"),
                     "echo \"the token is $API_TOKEN\"",
                 ],
                 "env": [

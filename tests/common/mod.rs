@@ -186,7 +186,11 @@ pub async fn install(env: &TestEnv) -> PathBuf {
     let path = env
         .dir
         .join(format!("operator-kubeconfig-{}", std::process::id()));
-    std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    // Tests of one binary share the path and an operator may be reading it: replace
+    // it atomically, never truncate it under a reader.
+    let tmp = path.with_extension(format!("tmp-{}", short_id()));
+    std::fs::write(&tmp, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     path
 }
 
