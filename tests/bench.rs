@@ -169,6 +169,9 @@ async fn run(s: &Scenario) -> Value {
     })
     .await;
 
+    // /readyz does not wait for the controller's first list; give the watch time to
+    // start so the first scenario does not time the operator's start-up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let api_before = apiserver_requests(&fx).await;
     if let Some(ec2) = &ec2 {
         ec2.control("DELETE", "/_kiln/calls", None);
@@ -209,7 +212,7 @@ async fn run(s: &Scenario) -> Value {
     let api_after = apiserver_requests(&fx).await;
     let ec2_calls = ec2.as_ref().map(|e| e.control("GET", "/_kiln/calls", None));
     let metrics = op.http_get("/metrics").await.expect("scrape").1;
-    op.kill();
+
     if let Some(ec2) = &ec2 {
         ec2.control("DELETE", "/_kiln/delays", None);
     }
@@ -289,7 +292,22 @@ async fn run(s: &Scenario) -> Value {
             "status_writes": common::parse_metric(&metrics, "kiln_status_writes_total"),
         },
     });
-    // The namespace controller's deletions would count in the next scenario's window.
+    // Delete the builds while the operator runs (it releases their finalizers), then
+    // the namespace: its deletion would count in the next scenario's window.
+    let api = fx.api();
+    let _ = api
+        .delete_collection(&Default::default(), &Default::default())
+        .await;
+    wait_until(Duration::from_secs(300), "builds deleted", || async {
+        api.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    op.kill();
     let nss: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(fx.client.clone());
     let _ = nss.delete(&fx.ns, &Default::default()).await;
     wait_until(Duration::from_secs(300), "namespace deleted", || async {
