@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Ec2Server, Fixture, condition, wait_until};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kiln::api::{BuildPhase, ImageBuild, StepPhase};
 use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
@@ -51,54 +51,14 @@ impl Aws {
 
     /// Everything kiln may have made for the build, by tag or deterministic name.
     async fn leaks(&self, uid: &str, regions: &[&str]) -> Vec<String> {
-        let mut leaks = Vec::new();
-        for region in regions {
-            let c = self.ec2.client(region).await;
-            let r = c
-                .describe_instances()
-                .filters(tag_filter(uid))
-                .send()
-                .await
-                .unwrap();
-            for i in r.reservations().iter().flat_map(|r| r.instances()) {
-                let state = i
-                    .state()
-                    .and_then(|s| s.name())
-                    .map(|s| s.as_str().to_string());
-                if state.as_deref() != Some("terminated") {
-                    leaks.push(format!(
-                        "instance {} {state:?}",
-                        i.instance_id().unwrap_or("?")
-                    ));
-                }
-            }
-            let r = c.describe_security_groups().send().await.unwrap();
-            for g in r.security_groups() {
-                if g.group_name().unwrap_or("").contains(uid) {
-                    leaks.push(format!("security group {}", g.group_id().unwrap_or("?")));
-                }
-            }
-            let r = c.describe_key_pairs().send().await.unwrap();
-            for k in r.key_pairs() {
-                if k.key_name().unwrap_or("").contains(uid) {
-                    leaks.push(format!("key pair {}", k.key_name().unwrap_or("?")));
-                }
-            }
-        }
-        let secrets: Api<Secret> = Api::namespaced(self.f.client.clone(), &self.f.ns);
-        for s in secrets.list(&Default::default()).await.unwrap() {
-            if s.name_any().contains(uid) {
-                leaks.push(format!("Secret {}", s.name_any()));
-            }
-        }
-        leaks
+        common::leaks(&self.ec2, &self.f.client, &self.f.ns, uid, regions).await
     }
 
     async fn images(&self, uid: &str, region: &str) -> Vec<aws_sdk_ec2::types::Image> {
         let c = self.ec2.client(region).await;
         c.describe_images()
             .owners("self")
-            .filters(tag_filter(uid))
+            .filters(common::tag_filter(uid))
             .send()
             .await
             .unwrap()
@@ -110,19 +70,12 @@ impl Aws {
         let c = self.ec2.client("us-east-1").await;
         let r = c
             .describe_instances()
-            .filters(tag_filter(uid))
+            .filters(common::tag_filter(uid))
             .send()
             .await
             .unwrap();
         r.reservations().iter().flat_map(|r| r.instances()).count()
     }
-}
-
-fn tag_filter(uid: &str) -> aws_sdk_ec2::types::Filter {
-    aws_sdk_ec2::types::Filter::builder()
-        .name("tag:kiln.dev/build-uid")
-        .values(uid)
-        .build()
 }
 
 fn shell(cmds: &[&str]) -> Value {

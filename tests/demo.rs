@@ -12,7 +12,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Ec2Server, TestEnv, repo_root, short_id, tail};
-use k8s_openapi::api::core::v1::Secret;
 use kiln::api::{BuildPhase, ImageBuild};
 use kube::{Api, ResourceExt};
 
@@ -229,52 +228,6 @@ fn ami_line(line: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn tag_filter(uid: &str) -> aws_sdk_ec2::types::Filter {
-    aws_sdk_ec2::types::Filter::builder()
-        .name("tag:kiln.dev/build-uid")
-        .values(uid)
-        .build()
-}
-
-/// Temporary resources of the build still in EC2 or Kubernetes.
-async fn leaks(ec2: &Ec2Server, client: &kube::Client, ns: &str, uid: &str) -> Vec<String> {
-    let mut leaks = Vec::new();
-    for region in ["us-east-1", "eu-west-1"] {
-        let c = ec2.client(region).await;
-        let r = c
-            .describe_instances()
-            .filters(tag_filter(uid))
-            .send()
-            .await
-            .unwrap();
-        for i in r.reservations().iter().flat_map(|r| r.instances()) {
-            let state = i.state().and_then(|s| s.name()).map(|s| s.as_str());
-            if state != Some("terminated") {
-                leaks.push(format!("{region} instance {:?} {state:?}", i.instance_id()));
-            }
-        }
-        let r = c.describe_security_groups().send().await.unwrap();
-        for g in r.security_groups() {
-            if g.group_name().unwrap_or("").contains(uid) {
-                leaks.push(format!("{region} security group {:?}", g.group_id()));
-            }
-        }
-        let r = c.describe_key_pairs().send().await.unwrap();
-        for k in r.key_pairs() {
-            if k.key_name().unwrap_or("").contains(uid) {
-                leaks.push(format!("{region} key pair {:?}", k.key_name()));
-            }
-        }
-    }
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    for s in secrets.list(&Default::default()).await.unwrap() {
-        if s.name_any().contains(uid) {
-            leaks.push(format!("Secret {}", s.name_any()));
-        }
-    }
-    leaks
-}
-
 /// The demo against the shared environment (already up): it reuses the servers,
 /// builds a real AMI in the EC2 server, cleans up, and leaves the servers running
 /// for the tests beside it.
@@ -391,7 +344,7 @@ async fn demo_builds_an_ami_step_by_step_and_leaves_running_servers_alone() {
     assert!(out.contains(&info), "{out}");
     assert!(host_dir.join("motd").exists());
 
-    let leaked = leaks(&ec2, &client, &ns, &uid).await;
+    let leaked = common::leaks(&ec2, &client, &ns, &uid, &["us-east-1", "eu-west-1"]).await;
     assert!(leaked.is_empty(), "leaked: {leaked:?}");
 
     // The operator it started is gone; the servers it found running still run.

@@ -163,50 +163,7 @@ impl Aws {
     /// Everything kiln may have made for the build in these regions, by its tag or
     /// its deterministic names (both generations share the build's UID).
     async fn leaks(&self, uid: &str, regions: &[&str]) -> Vec<String> {
-        let mut leaks = Vec::new();
-        for region in regions {
-            let c = self.ec2.client(region).await;
-            let r = c
-                .describe_instances()
-                .filters(tag_filter(uid))
-                .send()
-                .await
-                .unwrap();
-            for i in r.reservations().iter().flat_map(|r| r.instances()) {
-                let state = i.state().and_then(|s| s.name()).map(|s| s.as_str());
-                if state != Some("terminated") {
-                    leaks.push(format!(
-                        "instance {} {state:?} in {region}",
-                        i.instance_id().unwrap_or("?")
-                    ));
-                }
-            }
-            let r = c.describe_security_groups().send().await.unwrap();
-            for g in r.security_groups() {
-                if g.group_name().unwrap_or("").contains(uid) {
-                    leaks.push(format!(
-                        "security group {} in {region}",
-                        g.group_id().unwrap_or("?")
-                    ));
-                }
-            }
-            let r = c.describe_key_pairs().send().await.unwrap();
-            for k in r.key_pairs() {
-                if k.key_name().unwrap_or("").contains(uid) {
-                    leaks.push(format!(
-                        "key pair {} in {region}",
-                        k.key_name().unwrap_or("?")
-                    ));
-                }
-            }
-        }
-        let secrets: Api<Secret> = Api::namespaced(self.f.client.clone(), &self.f.ns);
-        for s in secrets.list(&Default::default()).await.unwrap() {
-            if s.name_any().contains(uid) {
-                leaks.push(format!("Secret {}", s.name_any()));
-            }
-        }
-        leaks
+        common::leaks(&self.ec2, &self.f.client, &self.f.ns, uid, regions).await
     }
 
     /// This build's images (by its tag) in `region`.
@@ -214,7 +171,7 @@ impl Aws {
         let c = self.ec2.client(region).await;
         c.describe_images()
             .owners("self")
-            .filters(tag_filter(uid))
+            .filters(common::tag_filter(uid))
             .send()
             .await
             .unwrap()
@@ -238,13 +195,6 @@ where
 fn as_read(spec: &Value) -> Value {
     let typed: ImageBuildSpec = serde_json::from_value(spec.clone()).unwrap();
     serde_json::to_value(typed).unwrap()
-}
-
-fn tag_filter(uid: &str) -> aws_sdk_ec2::types::Filter {
-    aws_sdk_ec2::types::Filter::builder()
-        .name("tag:kiln.dev/build-uid")
-        .values(uid)
-        .build()
 }
 
 /// A provisioner that says it started (the marker file) and then keeps the build

@@ -599,6 +599,70 @@ pub fn ebs_build(
     b
 }
 
+/// EC2 filter for what kiln tagged for the build `uid`.
+pub fn tag_filter(uid: &str) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder()
+        .name("tag:kiln.dev/build-uid")
+        .values(uid)
+        .build()
+}
+
+/// Everything kiln may have made for the build `uid` and not removed: live instances
+/// by its tag, security groups and key pairs by their deterministic names in these
+/// regions, and its Secrets in `ns`. Each entry starts with the kind.
+pub async fn leaks(
+    ec2: &Ec2Server,
+    client: &Client,
+    ns: &str,
+    uid: &str,
+    regions: &[&str],
+) -> Vec<String> {
+    let mut leaks = Vec::new();
+    for region in regions {
+        let c = ec2.client(region).await;
+        let r = c
+            .describe_instances()
+            .filters(tag_filter(uid))
+            .send()
+            .await
+            .unwrap();
+        for i in r.reservations().iter().flat_map(|r| r.instances()) {
+            let state = i.state().and_then(|s| s.name()).map(|s| s.as_str());
+            if state != Some("terminated") {
+                leaks.push(format!(
+                    "instance {} {state:?} in {region}",
+                    i.instance_id().unwrap_or("?")
+                ));
+            }
+        }
+        let r = c.describe_security_groups().send().await.unwrap();
+        for g in r.security_groups() {
+            if g.group_name().unwrap_or("").contains(uid) {
+                leaks.push(format!(
+                    "security group {} in {region}",
+                    g.group_id().unwrap_or("?")
+                ));
+            }
+        }
+        let r = c.describe_key_pairs().send().await.unwrap();
+        for k in r.key_pairs() {
+            if k.key_name().unwrap_or("").contains(uid) {
+                leaks.push(format!(
+                    "key pair {} in {region}",
+                    k.key_name().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for s in secrets.list(&Default::default()).await.unwrap() {
+        if s.name_any().contains(uid) {
+            leaks.push(format!("Secret {}", s.name_any()));
+        }
+    }
+    leaks
+}
+
 /// The EC2 test server (tests/ec2server): its endpoint and control API.
 pub struct Ec2Server {
     pub endpoint: String,
