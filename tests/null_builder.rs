@@ -159,6 +159,15 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
             "no {r} event in {reasons:?}"
         );
     }
+    // Each step has its own events: the recorder must not fold the second step's
+    // into the first's (same reason) and keep only the first note.
+    let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
+    for step in &names {
+        for what in ["started", "succeeded"] {
+            let note = format!("step {step} {what}");
+            assert!(notes.contains(&note), "no event {note:?} in {notes:#?}");
+        }
+    }
     let private_key = read(&f.env.ssh_key);
     let key_line = private_key
         .lines()

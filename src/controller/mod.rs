@@ -1,6 +1,7 @@
 //! The kube `Controller` for ImageBuilds: finalizer, status by server-side apply,
 //! events, and the glue between [`engine::advance`] and the [`Runner`].
 
+mod known;
 mod status;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +33,7 @@ use crate::engine::{
 };
 use crate::serve::{self, Health};
 use crate::{leader, metrics};
+use known::{Builds, Known};
 
 pub const MANAGER: &str = "kiln";
 
@@ -59,6 +61,7 @@ pub struct Settings {
 struct Context {
     client: Client,
     runner: Arc<Runner>,
+    builds: Arc<Builds>,
     recorder: Recorder,
     sink: Arc<dyn RecordSink>,
 }
@@ -94,6 +97,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
     let runner = Arc::new(Runner::new(wake_tx));
+    let builds = Arc::new(Builds::default());
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -101,10 +105,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         runner: runner.clone(),
+        builds: builds.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         sink: Arc::new(StatusSink {
             client: client.clone(),
-            runner: runner.clone(),
+            builds,
         }),
     });
 
@@ -229,41 +234,79 @@ fn error_policy(obj: Arc<ImageBuild>, err: &Error, _ctx: Arc<Context>) -> Requeu
 }
 
 async fn reconcile(obj: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let ns = obj.namespace().ok_or(Error::MissingField("namespace"))?;
-    let name = obj.name_any();
-    let span = info_span!("reconcile", namespace = %ns, build = %name);
-    let started = Instant::now();
-    let uid = obj.uid().ok_or(Error::MissingField("metadata.uid"))?;
-    let result = reconcile_one(ns, name, uid, ctx).instrument(span).await;
-    metrics::get().reconciled(result.is_ok(), started.elapsed());
+    let build = Build {
+        ns: obj.namespace().ok_or(Error::MissingField("namespace"))?,
+        name: obj.name_any(),
+        uid: obj.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        started: Instant::now(),
+    };
+    let span = info_span!("reconcile", namespace = %build.ns, build = %build.name);
+    let result = reconcile_one(&obj, &build, ctx).instrument(span).await;
+    metrics::get().reconciled(result.is_ok(), build.started.elapsed());
     result
 }
 
-async fn reconcile_one(
+/// The build a reconcile is about.
+struct Build {
     ns: String,
     name: String,
     uid: String,
+    started: Instant,
+}
+
+async fn reconcile_one(
+    cached: &ImageBuild,
+    build: &Build,
     ctx: Arc<Context>,
 ) -> Result<Requeue, Error> {
-    let api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &ns);
-    let lock = ctx.runner.lock(&uid);
-    let _guard = lock.lock().await;
-    // The cache may lag our own writes; a fresh read under the build's lock keeps
-    // decisions on current status. A recreated object (another uid) waits for its own event.
-    let obj = match api.get_opt(&name).await? {
-        Some(o) if o.uid().as_deref() == Some(uid.as_str()) => o,
-        _ => return Ok(Requeue::await_change()),
+    let api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &build.ns);
+    let lock = ctx.builds.lock(&build.uid);
+    let mut known = lock.lock().await;
+    // The cache may lag our own writes: decide from our last write when the cache
+    // shows one of ours, else from a fresh read under the build's lock. A recreated
+    // object (another uid) waits for its own event.
+    let obj = match known.current(cached) {
+        Some(o) => o.clone(),
+        None => match api.get_opt(&build.name).await? {
+            Some(o) if o.uid().as_deref() == Some(build.uid.as_str()) => o,
+            _ => return Ok(Requeue::await_change()),
+        },
     };
+    match decide(&api, &obj, &mut known, build, &ctx).await {
+        // Someone wrote since: decide again from a fresh read.
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+            tracing::debug!("status changed since it was read; reconciling again");
+            known.clear();
+            Ok(Requeue::requeue(Duration::ZERO))
+        }
+        other => other,
+    }
+}
+
+async fn decide(
+    api: &Api<ImageBuild>,
+    obj: &ImageBuild,
+    known: &mut Known,
+    build: &Build,
+    ctx: &Context,
+) -> Result<Requeue, Error> {
+    let Build { ns, name, uid, .. } = build;
     let deleting = obj.meta().deletion_timestamp.is_some();
-    let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
-    if !has_finalizer {
+    let with_finalizer;
+    let obj = if obj.finalizers().iter().any(|f| f == FINALIZER) {
+        obj
+    } else {
         if deleting {
-            ctx.runner.forget(&uid, true);
+            ctx.runner.forget(uid, true);
+            ctx.builds.forget(uid);
             return Ok(Requeue::await_change());
         }
-        status::add_finalizer(&api, &obj).await?;
-        return Ok(Requeue::await_change());
-    }
+        // Go on with the object the patch returned: the build starts in this
+        // reconcile rather than in the one the finalizer's watch event causes.
+        with_finalizer = status::add_finalizer(api, obj).await?;
+        known.wrote(with_finalizer.clone());
+        &with_finalizer
+    };
 
     let generation = obj.metadata.generation.unwrap_or(1);
     let old_status = obj.status.clone().unwrap_or_default();
@@ -276,7 +319,7 @@ async fn reconcile_one(
     let current_needs = current.needs_cleanup();
     let recorded_needs = recorded_view.needs_cleanup();
     let spec_json = serde_json::to_value(&obj.spec).map_err(Error::Serialize)?;
-    let task = ctx.runner.state(&uid);
+    let task = ctx.runner.state(uid);
     let decision = advance::advance(&Input {
         status: &old_status,
         generation,
@@ -296,8 +339,12 @@ async fn reconcile_one(
         now: Timestamp::now(),
     });
 
+    let mut write_time = Duration::ZERO;
     if decision.status != old_status {
-        let written = status::apply(&api, &obj, &decision.status).await?;
+        let write_started = Instant::now();
+        let written = status::apply(api, obj, &decision.status).await?;
+        write_time = write_started.elapsed();
+        known.wrote(written.clone());
         // An installed CRD older than this kiln prunes the field (`helm upgrade` does
         // not update CRDs): spec changes mid-build then fall back to name matching.
         if decision.status.build_spec.is_some()
@@ -324,9 +371,9 @@ async fn reconcile_one(
                     continue;
                 };
                 let facts = Arc::new(BuildFacts {
-                    name: name.clone(),
-                    namespace: ns.clone(),
-                    uid: uid.clone(),
+                    name: name.to_string(),
+                    namespace: ns.to_string(),
+                    uid: uid.to_string(),
                     generation: key.generation,
                     builder: source.spec.builder.kind(),
                 });
@@ -376,21 +423,26 @@ async fn reconcile_one(
                         )
                     }
                 };
+                if key.kind == TaskKind::Run {
+                    transition(ctx, build, write_time);
+                }
                 ctx.runner
-                    .spawn(&uid, (ns.clone(), name.clone()), key, work, span);
+                    .spawn(uid, (ns.to_string(), name.to_string()), key, work, span);
                 // A safety net only: the task wakes the build when it finishes.
                 requeue = Requeue::requeue(Duration::from_secs(300));
             }
-            Action::Cancel => ctx.runner.cancel(&uid),
-            Action::Forget => ctx.runner.forget(&uid, false),
+            Action::Cancel => ctx.runner.cancel(uid),
+            Action::Forget => ctx.runner.forget(uid, false),
             Action::RemoveFinalizer => {
-                status::remove_finalizer(&api, &obj).await?;
-                ctx.runner.forget(&uid, true);
+                status::remove_finalizer(api, obj).await?;
+                ctx.runner.forget(uid, true);
+                ctx.builds.forget(uid);
                 publish(
-                    &ctx,
-                    &obj,
+                    ctx,
+                    obj,
                     false,
                     "CleanupFinished",
+                    "Release finalizer".into(),
                     "all temporary resources removed; finalizer released".into(),
                 )
                 .await;
@@ -398,14 +450,37 @@ async fn reconcile_one(
             Action::Event {
                 warning,
                 reason,
+                action,
                 note,
-            } => publish(&ctx, &obj, warning, reason, note).await,
+            } => publish(ctx, obj, warning, reason, action, note).await,
         }
     }
-    if matches!(ctx.runner.state(&uid), TaskState::Running { .. }) {
+    if matches!(ctx.runner.state(uid), TaskState::Running { .. }) {
         requeue = Requeue::requeue(Duration::from_secs(300));
     }
     Ok(requeue)
+}
+
+/// Measures the controller's part between one step's finish and the next step's
+/// start, split where the time goes: waiting for a reconcile to begin (the
+/// controller's queue, or the build's previous reconcile still running), and the
+/// status write that must land before the next step may start.
+fn transition(ctx: &Context, build: &Build, write: Duration) {
+    let Some(finished) = ctx.runner.take_finished_at(&build.uid) else {
+        return;
+    };
+    let total = finished.elapsed();
+    metrics::get().step_transition.observe(total.as_secs_f64());
+    tracing::debug!(
+        total_ms = total.as_secs_f64() * 1e3,
+        queued_ms = build
+            .started
+            .saturating_duration_since(finished)
+            .as_secs_f64()
+            * 1e3,
+        write_ms = write.as_secs_f64() * 1e3,
+        "step transition"
+    );
 }
 
 /// A spec and the plan made from it.
@@ -467,7 +542,14 @@ fn outcome(s: &crate::api::ImageBuildStatus, deleting: bool, generation: i64) ->
 
 /// Events are published in the background: a step transition should not wait for
 /// two more apiserver round trips, and a lost event loses no state.
-async fn publish(ctx: &Context, obj: &ImageBuild, warning: bool, reason: &str, note: String) {
+async fn publish(
+    ctx: &Context,
+    obj: &ImageBuild,
+    warning: bool,
+    reason: &str,
+    action: String,
+    note: String,
+) {
     let ev = Event {
         type_: if warning {
             EventType::Warning
@@ -476,7 +558,7 @@ async fn publish(ctx: &Context, obj: &ImageBuild, warning: bool, reason: &str, n
         },
         reason: reason.into(),
         note: Some(note),
-        action: reason.into(),
+        action,
         secondary: None,
     };
     let recorder = ctx.recorder.clone();
@@ -496,7 +578,7 @@ async fn publish(ctx: &Context, obj: &ImageBuild, warning: bool, reason: &str, n
 /// races a reconcile's status write.
 struct StatusSink {
     client: Client,
-    runner: Arc<Runner>,
+    builds: Arc<Builds>,
 }
 
 impl RecordSink for StatusSink {
@@ -507,29 +589,45 @@ impl RecordSink for StatusSink {
         resource: ResourceRecord,
     ) -> BoxFuture<'static, Result<(), String>> {
         let client = self.client.clone();
-        let lock = self.runner.lock(&facts.uid);
+        let lock = self.builds.lock(&facts.uid);
         Box::pin(async move {
-            let _guard = lock.lock().await;
+            let mut known = lock.lock().await;
             let api: Api<ImageBuild> = Api::namespaced(client, &facts.namespace);
-            let obj = api.get(&facts.name).await.map_err(|e| e.to_string())?;
-            let mut st = obj.status.clone().unwrap_or_default();
-            if st.observed_generation != Some(facts.generation) {
-                return Err("the build was superseded".into());
+            // From our last write if there is one; a conflict means someone wrote
+            // since, and the second attempt reads the object.
+            for _ in 0..2 {
+                let obj = match known.latest() {
+                    Some(o) => o.clone(),
+                    None => api.get(&facts.name).await.map_err(|e| e.to_string())?,
+                };
+                if obj.uid().as_deref() != Some(facts.uid.as_str()) {
+                    return Err("the ImageBuild was deleted and recreated".into());
+                }
+                let mut st = obj.status.clone().unwrap_or_default();
+                if st.observed_generation != Some(facts.generation) {
+                    return Err("the build was superseded".into());
+                }
+                let Some(rec) = st.steps.get_mut(step_index) else {
+                    return Err(format!("no step {step_index} in status"));
+                };
+                if rec
+                    .resources
+                    .iter()
+                    .any(|r| r.kind == resource.kind && r.id == resource.id)
+                {
+                    return Ok(());
+                }
+                rec.resources.push(resource.clone());
+                match status::apply(&api, &obj, &st).await {
+                    Ok(written) => {
+                        known.wrote(written);
+                        return Ok(());
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => known.clear(),
+                    Err(e) => return Err(e.to_string()),
+                }
             }
-            let Some(rec) = st.steps.get_mut(step_index) else {
-                return Err(format!("no step {step_index} in status"));
-            };
-            if !rec
-                .resources
-                .iter()
-                .any(|r| r.kind == resource.kind && r.id == resource.id)
-            {
-                rec.resources.push(resource);
-                status::apply(&api, &obj, &st)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
+            Err("the ImageBuild kept changing while the resource was recorded".into())
         })
     }
 }

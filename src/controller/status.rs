@@ -32,7 +32,10 @@ pub async fn apply(
         .await
 }
 
-pub async fn add_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result<(), kube::Error> {
+pub async fn add_finalizer(
+    api: &Api<ImageBuild>,
+    obj: &ImageBuild,
+) -> Result<ImageBuild, kube::Error> {
     let patch = if obj.finalizers().is_empty() {
         json!([
             {"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()},
@@ -48,8 +51,7 @@ pub async fn add_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result<()
         serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
     crate::metrics::get().status_writes.inc();
     api.patch(&obj.name_any(), &patch_params(), &Patch::Json::<()>(patch))
-        .await?;
-    Ok(())
+        .await
 }
 
 pub async fn remove_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result<(), kube::Error> {

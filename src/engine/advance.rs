@@ -105,6 +105,9 @@ pub enum Action {
     Event {
         warning: bool,
         reason: &'static str,
+        /// What the event is about (the Event's `action`): events are aggregated
+        /// into a series by reason and action, so each step has its own.
+        action: String,
         note: String,
     },
 }
@@ -238,6 +241,7 @@ fn start_build(d: &mut Decision, input: &Input<'_>, now: &Time) {
             d.actions.push(Action::Event {
                 warning: false,
                 reason: "BuildStarted",
+                action: build_action(input),
                 note: format!(
                     "building generation {} with the {} builder: {} steps",
                     input.generation,
@@ -254,6 +258,7 @@ fn start_build(d: &mut Decision, input: &Input<'_>, now: &Time) {
             d.actions.push(Action::Event {
                 warning: true,
                 reason: "InvalidSpec",
+                action: build_action(input),
                 note: truncate(why),
             });
         }
@@ -283,6 +288,7 @@ fn run_next(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
                 d.actions.push(Action::Event {
                     warning: true,
                     reason: "BuildFailed",
+                    action: build_action(input),
                     note: format!(
                         "{why}; resources kept (onError: keep) until the ImageBuild is deleted"
                     ),
@@ -307,6 +313,7 @@ fn run_next(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
                 d.actions.push(Action::Event {
                     warning: true,
                     reason: "StepFailed",
+                    action: step_action(&rec.name),
                     note: why,
                 });
                 return true;
@@ -336,6 +343,7 @@ fn run_next(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
                 } else {
                     "StepStarted"
                 },
+                action: step_action(&name),
                 note: if resumed {
                     format!("step {name} resumed (attempt {attempt}) after the operator restarted")
                 } else {
@@ -378,6 +386,7 @@ fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
         d.actions.push(Action::Event {
             warning: false,
             reason: "CleanupStarted",
+            action: cleanup_action(&rec.name),
             note: format!("cleaning up step {name}"),
         });
     }
@@ -404,6 +413,7 @@ fn complete(d: &mut Decision, input: &Input<'_>, now: &Time) {
             d.actions.push(Action::Event {
                 warning: true,
                 reason: "BuildFailed",
+                action: build_action(input),
                 note: truncate(&format!("{why}; cleanup done")),
             });
         }
@@ -413,6 +423,7 @@ fn complete(d: &mut Decision, input: &Input<'_>, now: &Time) {
             d.actions.push(Action::Event {
                 warning: false,
                 reason: "BuildSucceeded",
+                action: build_action(input),
                 note: format!("generation {} built; cleanup done", input.generation),
             });
         }
@@ -453,6 +464,7 @@ fn take_result(
                     d.actions.push(Action::Event {
                         warning: false,
                         reason: "StepSucceeded",
+                        action: step_action(&rec.name),
                         note: format!("step {name} succeeded"),
                     });
                 }
@@ -470,6 +482,7 @@ fn take_result(
                     d.actions.push(Action::Event {
                         warning: true,
                         reason: "StepFailed",
+                        action: step_action(&rec.name),
                         note: truncate(&format!("step {} failed: {e}", rec.name)),
                     });
                 }
@@ -486,6 +499,7 @@ fn take_result(
                     d.actions.push(Action::Event {
                         warning: false,
                         reason: "CleanupSucceeded",
+                        action: cleanup_action(&rec.name),
                         note: format!("cleaned up step {}", rec.name),
                     });
                 }
@@ -501,6 +515,7 @@ fn take_result(
                     d.actions.push(Action::Event {
                         warning: true,
                         reason: "CleanupFailed",
+                        action: cleanup_action(&rec.name),
                         note: truncate(&note),
                     });
                 }
@@ -596,6 +611,7 @@ fn hold(d: &mut Decision, input: &Input<'_>) {
             d.actions.push(Action::Event {
                 warning: true,
                 reason: "CleanupFailed",
+                action: cleanup_action(&rec.name),
                 note: msg.clone(),
             });
             rec.cleanup_message = Some(msg);
@@ -696,6 +712,20 @@ fn finish(d: &mut Decision, input: &Input<'_>) {
         if stalled { &msg } else { "" },
         input,
     );
+}
+
+/// Build events are per generation: a later generation's BuildSucceeded is not a
+/// repeat of an earlier one's.
+fn build_action(input: &Input<'_>) -> String {
+    format!("Build generation {}", input.generation)
+}
+
+fn step_action(step: &str) -> String {
+    format!("Run step {step}")
+}
+
+fn cleanup_action(step: &str) -> String {
+    format!("Clean up step {step}")
 }
 
 fn set_condition(

@@ -32,7 +32,6 @@ struct Entry {
 
 pub struct Runner {
     tasks: Mutex<HashMap<String, Entry>>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     wake: UnboundedSender<WakeKey>,
     shutdown: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
@@ -49,18 +48,11 @@ impl Runner {
     pub fn new(wake: UnboundedSender<WakeKey>) -> Self {
         Runner {
             tasks: Mutex::new(HashMap::new()),
-            locks: Mutex::new(HashMap::new()),
             wake,
             shutdown: CancellationToken::new(),
             tracker: tokio_util::task::TaskTracker::new(),
             finished_at: Arc::default(),
         }
-    }
-
-    /// Serialises status writes of one build between reconciles and its task.
-    pub fn lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(uid.to_string()).or_default().clone()
     }
 
     pub fn state(&self, uid: &str) -> TaskState {
@@ -103,15 +95,20 @@ impl Runner {
             }
         }
         if everything {
-            self.locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(uid);
             self.finished_at
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(uid);
         }
+    }
+
+    /// When the build's last successful step run finished, once: the start of the
+    /// transition to the next step.
+    pub fn take_finished_at(&self, uid: &str) -> Option<Instant> {
+        self.finished_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid)
     }
 
     /// Number of tasks in flight, for metrics and tests.
@@ -125,16 +122,6 @@ impl Runner {
             Work::Cleanup(..) => self.shutdown.child_token(),
         };
         let result = Arc::new(Mutex::new(None));
-        let previous = self
-            .finished_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
-        if let (TaskKind::Run, Some(at)) = (key.kind, previous) {
-            metrics::get()
-                .step_transition
-                .observe(at.elapsed().as_secs_f64());
-        }
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(old) = tasks.get(uid) {
