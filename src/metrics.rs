@@ -59,6 +59,7 @@ pub struct Metrics {
     pub step_transition: Histogram,
     pub cloud_calls: Family<CloudLabels, Counter>,
     pub ssh_sessions: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub ssh_connections: Counter<u64, AtomicU64>,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub status_writes: Counter<u64, AtomicU64>,
 }
@@ -120,6 +121,12 @@ impl Metrics {
             "SSH sessions currently open to build machines",
             ssh_sessions.clone(),
         );
+        let ssh_connections = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "ssh_connections",
+            "SSH connections opened to build machines (a build keeps one for its steps)",
+            ssh_connections.clone(),
+        );
         let leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "leader",
@@ -141,6 +148,7 @@ impl Metrics {
             step_transition,
             cloud_calls,
             ssh_sessions,
+            ssh_connections,
             leader,
             status_writes,
         }
@@ -212,6 +220,7 @@ pub struct SessionGauge(());
 
 impl SessionGauge {
     pub fn open() -> Self {
+        get().ssh_connections.inc();
         get().ssh_sessions.inc();
         SessionGauge(())
     }

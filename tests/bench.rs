@@ -162,7 +162,8 @@ async fn run(s: &Scenario) -> Value {
         &fx.ns,
         &log,
         &["--log-format", "json"],
-        &[("KILN_LOG", "info")],
+        // The controller's debug "step transition" lines say where a transition's time goes.
+        &[("KILN_LOG", "info,kiln::controller=debug")],
     );
     wait_until(Duration::from_secs(30), "operator ready", || async {
         op.http_get("/readyz").await.ok().filter(|(c, _)| *c == 200)
@@ -176,6 +177,7 @@ async fn run(s: &Scenario) -> Value {
     if let Some(ec2) = &ec2 {
         ec2.control("DELETE", "/_kiln/calls", None);
     }
+    let cpu_before = cpu_profile(&fx.env);
     let t0 = Instant::now();
     let created: Vec<_> = futures::stream::iter(builds.iter())
         .map(|b| fx.create(b))
@@ -209,6 +211,16 @@ async fn run(s: &Scenario) -> Value {
     let wall = t0.elapsed().as_secs_f64();
     let pid = op.pid();
     let (peak_rss_mib, cpu_seconds) = footprint(pid);
+    let cpu_after = cpu_profile(&fx.env);
+    let mut cpu = serde_json::Map::new();
+    for (k, v) in &cpu_after {
+        let used = v - cpu_before.get(k).copied().unwrap_or(0.0);
+        cpu.insert(k.clone(), json!(round(used, 2)));
+    }
+    cpu.insert(
+        "machine_capacity".into(),
+        json!(round(wall * machine_cpus(), 2)),
+    );
     let api_after = apiserver_requests(&fx).await;
     let ec2_calls = ec2.as_ref().map(|e| e.control("GET", "/_kiln/calls", None));
     let metrics = op.http_get("/metrics").await.expect("scrape").1;
@@ -235,10 +247,9 @@ async fn run(s: &Scenario) -> Value {
             ));
         }
     }
-    let transitions = transitions(
-        &std::fs::read_to_string(&log).unwrap_or_default(),
-        &list.items,
-    );
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let transitions = transitions(&log_text, &list.items);
+    let breakdown = transition_breakdown(&log_text, &fx.ns);
 
     let n = s.n as f64;
     let delta = |k: &str| {
@@ -281,11 +292,15 @@ async fn run(s: &Scenario) -> Value {
         "steps_per_build": round(steps as f64 / n, 2),
         "transition_ms": percentiles(&transitions),
         "transitions_measured": transitions.len(),
+        "transition_breakdown_ms": breakdown,
         "apiserver_per_build": {"reads": round(reads / n, 2), "writes": round(writes / n, 2), "by_verb": by_verb},
         "apiserver_writes_per_step": round(writes / steps.max(1) as f64, 2),
         "ec2_calls_per_build": ec2_per_build,
         "injected_delays_seconds": if s.kind == Kind::EbsDelays { json!(delay_sum) } else { Value::Null },
         "wall_over_delays": if s.kind == Kind::EbsDelays { json!(round(wall / delay_sum, 3)) } else { Value::Null },
+        // CPU seconds over the scenario's wall time, by process; machine_busy is every
+        // process (the operator, the driver and the build machines' commands too).
+        "cpu_seconds": cpu,
         "operator": {
             "peak_rss_mib": round(peak_rss_mib, 1),
             "cpu_seconds": round(cpu_seconds, 2),
@@ -339,6 +354,43 @@ fn footprint(pid: u32) -> (f64, f64) {
     // utime and stime are fields 14 and 15 of stat; `rest` starts at field 3.
     let clk = 100.0; // USER_HZ on Linux
     (hwm_kib / 1024.0, (ticks(11) + ticks(12)) / clk)
+}
+
+/// CPU seconds used so far by the test servers (children included: sshd's are the
+/// per-connection sessions) and by the whole machine, to see where a scenario's CPU
+/// goes. Taken before and after; the difference is the scenario's.
+fn cpu_profile(env: &common::TestEnv) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (name, file) in [
+        ("apiserver_and_etcd", "apiserver.pid"),
+        ("sshd", "sshd.pid"),
+        ("ec2_server", "ec2.pid"),
+    ] {
+        let pid = std::fs::read_to_string(env.dir.join(file)).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        // utime, stime, cutime, cstime: fields 14-17 of stat; `rest` starts at field 3.
+        let ticks: f64 = (11..15).filter_map(|i| f.get(i)).sum();
+        out.insert(name.to_string(), ticks / 100.0);
+    }
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    if let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) {
+        let v: Vec<f64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+        let busy: f64 =
+            v.iter().take(8).sum::<f64>() - v.get(3).unwrap_or(&0.0) - v.get(4).unwrap_or(&0.0);
+        out.insert("machine_busy".to_string(), busy / 100.0);
+    }
+    out
 }
 
 /// apiserver_request_total summed into reads and writes, over the resources the
@@ -453,6 +505,34 @@ fn transitions(log: &str, builds: &[ImageBuild]) -> Vec<f64> {
     out
 }
 
+/// Where the transitions' time went, as the operator measured it: `queued` from the
+/// step's finish to the reconcile that records it, `status_write` for that write.
+fn transition_breakdown(log: &str, ns: &str) -> Value {
+    let (mut queued, mut write, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for line in log.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v["message"] != "step transition" || v["span"]["namespace"].as_str() != Some(ns) {
+            continue;
+        }
+        if let (Some(q), Some(w), Some(t)) = (
+            v["queued_ms"].as_f64(),
+            v["write_ms"].as_f64(),
+            v["total_ms"].as_f64(),
+        ) {
+            queued.push(q);
+            write.push(w);
+            total.push(t);
+        }
+    }
+    json!({
+        "queued": percentiles(&queued),
+        "status_write": percentiles(&write),
+        "total": percentiles(&total),
+    })
+}
+
 fn percentiles(v: &[f64]) -> Value {
     if v.is_empty() {
         return json!({"p50": null, "p99": null, "max": null});
@@ -467,6 +547,10 @@ fn percentiles(v: &[f64]) -> Value {
         "max": round(s[s.len() - 1], 1),
         "mean": round(s.iter().sum::<f64>() / s.len() as f64, 1),
     })
+}
+
+fn machine_cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
 fn machine() -> Value {

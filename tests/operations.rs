@@ -98,6 +98,8 @@ async fn metrics_and_probes_follow_a_build() {
     );
     assert!(m(r#"kiln_reconcile_duration_seconds_count{controller="imagebuild"}"#) >= 1.0);
     assert!(m("kiln_status_writes_total") >= steps.len() as f64);
+    // One SSH connection for the build: connect's, kept for both shell steps.
+    assert_eq!(m("kiln_ssh_connections_total"), 1.0, "{after}");
     // No per-object labels: neither the build's name nor its namespace is a label value.
     assert!(
         !after.contains("scraped") && !after.contains(&fx.ns),

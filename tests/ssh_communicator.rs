@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use kiln::communicator::pool::SessionPool;
 use kiln::communicator::ssh::{self, HostKeyPolicy, OutputStream, SecretString, SshError, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -1013,4 +1014,61 @@ async fn non_root_user_with_dash_shell() {
     // For non-root users OpenSSH honours the signal request itself.
     let log = sshd.log();
     assert!(log.contains("session_signal_req: signal TERM"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_session_is_reused_only_while_it_answers() {
+    init_tracing();
+    let sshd = Sshd::start("pool");
+    let pool = SessionPool::default();
+    let cancel = CancellationToken::new();
+
+    // A live session comes back for its own generation: the same connection (the
+    // shell's parent is the connection's sshd process).
+    let s = ssh::connect(&sshd.target(), &cancel)
+        .await
+        .expect("connect");
+    let parent = run_ok(&s, "echo $PPID").await.1;
+    pool.keep("build", 1, s);
+    let s = pool.take("build", 1).await.expect("the kept session");
+    assert_eq!(run_ok(&s, "echo $PPID").await.1, parent);
+    pool.keep("build", 1, s);
+    assert!(
+        pool.take("build", 2).await.is_none(),
+        "a newer generation connects anew"
+    );
+    assert!(pool.is_empty(), "the older generation's session is closed");
+
+    // A connection the host dropped between steps is not handed out.
+    let s = ssh::connect(&sshd.target(), &cancel)
+        .await
+        .expect("connect");
+    run_ok(&s, "true").await;
+    pool.keep("build", 1, s);
+    for pid in sshd.connection_pids() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(pool.take("build", 1).await.is_none(), "dropped connection");
+
+    // Nor is one that stopped answering without a reset (a half-open TCP
+    // connection): the probe gives up within its timeout.
+    let (proxy_port, frozen) = freezable_proxy(sshd.port).await;
+    let mut target = sshd.target();
+    target.port = proxy_port;
+    target.host_key = HostKeyPolicy::KnownHosts(format!(
+        "[127.0.0.1]:{proxy_port} {}\n",
+        Keys::get().public("host_ed25519")
+    ));
+    let s = ssh::connect(&target, &cancel)
+        .await
+        .expect("connect via proxy");
+    run_ok(&s, "true").await;
+    pool.keep("build", 1, s);
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t0 = Instant::now();
+    assert!(pool.take("build", 1).await.is_none(), "frozen connection");
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
 }

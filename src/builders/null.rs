@@ -29,11 +29,15 @@ impl Step for ConnectStep {
         "connect"
     }
 
+    fn uses_session(&self) -> bool {
+        true
+    }
+
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             let target = connect::target(ctx).await?;
             let session = connect::connect(ctx, &target).await?;
-            session.close().await;
+            connect::keep(ctx, session);
             let mut out = StepOutput {
                 message: Some(format!(
                     "connected to {}@{}:{}",

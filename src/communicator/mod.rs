@@ -1,3 +1,4 @@
 //! Ways of talking to a build machine.
 
+pub mod pool;
 pub mod ssh;

@@ -654,6 +654,18 @@ impl Session {
         self.handle.is_closed()
     }
 
+    /// Whether the connection still answers: a kept session may have been dropped by
+    /// the host (reboot, idle timeout) without the client noticing yet. Opening and
+    /// closing a channel is one round trip, far cheaper than a new handshake.
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        let probe = async {
+            let channel = self.open_channel().await?;
+            let _ = channel.close().await;
+            Ok::<(), SshError>(())
+        };
+        matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(())))
+    }
+
     /// Runs `command` through the remote user's shell without a pty,
     /// streaming output chunks to `on_output` as they arrive.
     pub async fn exec<F>(

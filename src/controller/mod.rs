@@ -26,6 +26,7 @@ use crate::api::{
     BuildPhase, FINALIZER, ImageBuild, ImageBuildSpec, ImageBuildStatus, ResourceRecord, StepRecord,
 };
 use crate::builders::{self, PlanError};
+use crate::communicator::pool::SessionPool;
 use crate::engine::advance::{self, Action, Input, PlanView, TaskKind, TaskState};
 use crate::engine::runner::{Runner, WakeKey, Work};
 use crate::engine::{
@@ -62,6 +63,7 @@ struct Context {
     client: Client,
     runner: Arc<Runner>,
     builds: Arc<Builds>,
+    sessions: Arc<SessionPool>,
     recorder: Recorder,
     sink: Arc<dyn RecordSink>,
 }
@@ -106,6 +108,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         client: client.clone(),
         runner: runner.clone(),
         builds: builds.clone(),
+        sessions: Arc::default(),
         recorder: Recorder::new(client.clone(), reporter),
         sink: Arc::new(StatusSink {
             client: client.clone(),
@@ -299,6 +302,7 @@ async fn decide(
         if deleting {
             ctx.runner.forget(uid, true);
             ctx.builds.forget(uid);
+            ctx.sessions.close(uid);
             return Ok(Requeue::await_change());
         }
         // Go on with the object the patch returned: the build starts in this
@@ -356,6 +360,10 @@ async fn decide(
         }
     }
 
+    // The build's SSH connection is kept only while it runs steps that use it.
+    if deleting || decision.status.phase != Some(BuildPhase::Running) {
+        ctx.sessions.close(uid);
+    }
     let mut requeue = Requeue::await_change();
     for action in decision.actions {
         match action {
@@ -370,6 +378,9 @@ async fn decide(
                     tracing::error!(?key, "internal: the plan has no step for a spawned task");
                     continue;
                 };
+                if !(key.kind == TaskKind::Run && step.uses_session()) {
+                    ctx.sessions.close(uid);
+                }
                 let facts = Arc::new(BuildFacts {
                     name: name.to_string(),
                     namespace: ns.to_string(),
@@ -398,6 +409,7 @@ async fn decide(
                                 outputs,
                                 recorded: rec.map(|r| r.resources).unwrap_or_default(),
                                 step_name: step.name().to_string(),
+                                sessions: ctx.sessions.clone(),
                                 sink: ctx.sink.clone(),
                                 step_index: key.index,
                             },

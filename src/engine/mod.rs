@@ -18,6 +18,7 @@ use kube::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Artifact, ImageBuildSpec, ResourceRecord, StepRecord};
+use crate::communicator::pool::SessionPool;
 
 /// Who the build is; exported to provisioners as `KILN_*` variables.
 #[derive(Clone, Debug)]
@@ -40,6 +41,8 @@ pub struct StepContext {
     /// Resources an earlier attempt of this step recorded before the operator stopped.
     pub recorded: Vec<ResourceRecord>,
     pub step_name: String,
+    /// The build's SSH connection, kept between the steps that use one.
+    pub sessions: Arc<SessionPool>,
     pub(crate) sink: Arc<dyn RecordSink>,
     pub(crate) step_index: usize,
 }
@@ -104,6 +107,12 @@ pub trait Step: Send + Sync {
     }
 
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>>;
+
+    /// Whether the step talks to the build machine over SSH: the build's connection
+    /// is kept open across a run of such steps and closed before any other step.
+    fn uses_session(&self) -> bool {
+        false
+    }
 
     /// Undo what `run` created. Called in reverse step order for every step that
     /// started; must treat already-gone resources as done.

@@ -114,9 +114,25 @@ pub fn parse_duration(text: &str, field: &str) -> Result<Duration, StepError> {
     duration::parse(text).map_err(|e| StepError::Failed(format!("{field}: {e}")))
 }
 
+/// The build's SSH session: the one an earlier step kept, if it still answers, or a
+/// new connection.
 pub async fn open(ctx: &StepContext) -> Result<Session, StepError> {
+    if let Some(session) = ctx
+        .sessions
+        .take(&ctx.facts.uid, ctx.facts.generation)
+        .await
+    {
+        return Ok(session);
+    }
     let target = target(ctx).await?;
     connect(ctx, &target).await
+}
+
+/// Keeps the session for the build's next step. Steps keep it only after they went
+/// well; after a failure they close it, so a half-used channel is never reused.
+pub fn keep(ctx: &StepContext, session: Session) {
+    ctx.sessions
+        .keep(&ctx.facts.uid, ctx.facts.generation, session);
 }
 
 /// Connects with retry; a timeout names the setting that bounds it.

@@ -61,17 +61,22 @@ impl Step for FileStep {
         "file"
     }
 
+    fn uses_session(&self) -> bool {
+        true
+    }
+
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             let mode = parse_mode(&self.spec.mode, &format!("{}.mode", self.field()))?;
             let content = self.content(ctx).await?;
             let session = connect::open(ctx).await?;
-            let r = session
-                .upload(&self.spec.destination, &content, mode)
-                .await
-                .map_err(connect::ssh_error);
-            session.close().await;
-            r?;
+            match session.upload(&self.spec.destination, &content, mode).await {
+                Ok(()) => connect::keep(ctx, session),
+                Err(e) => {
+                    session.close().await;
+                    return Err(connect::ssh_error(e));
+                }
+            }
             tracing::info!(destination = %self.spec.destination, bytes = content.len(), "file uploaded");
             Ok(StepOutput {
                 message: Some(format!(

@@ -111,6 +111,10 @@ impl Step for ShellStep {
         "shell"
     }
 
+    fn uses_session(&self) -> bool {
+        true
+    }
+
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(self.run_script(ctx))
     }
@@ -222,7 +226,7 @@ impl ShellStep {
                 // The host may still be going down; give it a moment before probing.
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let again = connect::open(ctx).await?;
-                again.close().await;
+                connect::keep(ctx, again);
                 return Ok(StepOutput {
                     message: Some("disconnected as expected and reconnected".into()),
                     ..Default::default()
@@ -241,8 +245,13 @@ impl ShellStep {
                 &ctx.cancel,
             )
             .await;
-        session.close().await;
-        outcome?;
+        match outcome {
+            Ok(()) => connect::keep(ctx, session),
+            Err(e) => {
+                session.close().await;
+                return Err(e);
+            }
+        }
         Ok(StepOutput {
             message: Some("script exited with code 0".into()),
             ..Default::default()
