@@ -449,3 +449,49 @@ async fn a_script_past_its_timeout_is_stopped_and_fails_the_step() {
     );
     assert!(!f.host_dir.join("finished").exists());
 }
+
+/// The step's end is recorded from kiln's own last write; a label added while the
+/// step ran makes that write conflict, and the build goes on from a fresh read
+/// instead of deciding on what it last wrote. Nothing runs twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_by_someone_else_mid_step_is_read_before_the_next_step() {
+    let f = Fixture::new("edited").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "edited",
+        json!([
+            {"shell": {"inline": [format!("touch {dir}/started"), "sleep 2", format!("echo run >> {dir}/runs")]}},
+            {"shell": {"inline": [format!("echo next >> {dir}/next")]}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let started = f.host_dir.join("started");
+    wait_until(Duration::from_secs(30), "the step to start", || async {
+        started.exists().then_some(())
+    })
+    .await;
+    let patch = json!({"metadata": {"labels": {"team": "images"}}});
+    f.api()
+        .patch(
+            "edited",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let ib = f
+        .wait_phase("edited", BuildPhase::Succeeded, Duration::from_secs(60))
+        .await;
+    assert_eq!(read(&f.host_dir.join("runs")), "run\n");
+    assert_eq!(read(&f.host_dir.join("next")), "next\n");
+    for s in &ib.status.as_ref().unwrap().steps {
+        assert_eq!(s.attempts, 1, "{s:?}");
+    }
+    assert_eq!(ib.labels().get("team").map(String::as_str), Some("images"));
+    let logs = f.operator.logs();
+    assert!(
+        logs.contains("status changed since it was read"),
+        "the step's result was not written over the newer object: {}",
+        tail(&logs, 40)
+    );
+}

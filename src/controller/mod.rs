@@ -46,6 +46,8 @@ pub enum Error {
     MissingField(&'static str),
     #[error("serializing the spec for status.buildSpec: {0}")]
     Serialize(serde_json::Error),
+    #[error("the ImageBuild changed since it was read")]
+    Conflict,
 }
 
 pub struct Settings {
@@ -133,7 +135,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::unbounded_channel::<WakeKey>();
         wakers.insert(ns, tx);
         let wake = UnboundedReceiverStream::new(rx)
-            .map(|(ns, name): WakeKey| ObjectRef::<ImageBuild>::new(&name).within(&ns));
+            .map(|w: WakeKey| ObjectRef::<ImageBuild>::new(&w.name).within(&w.namespace));
         let controller = Controller::new(api, watcher::Config::default().any_semantic())
             .with_config(ControllerConfig::default().concurrency(settings.concurrency));
         lock(&stores).push(controller.store());
@@ -145,7 +147,14 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 .boxed(),
         );
     }
-    tokio::spawn(route_wakes(wake_rx, wakers));
+    tokio::spawn(transitions(
+        wake_rx,
+        wakers,
+        ctx.clone(),
+        Arc::new(tokio::sync::Semaphore::new(
+            settings.concurrency.max(1).into(),
+        )),
+    ));
 
     tracing::info!(namespaces = ?settings.namespaces, "kiln controller starting");
     let controllers = futures::stream::select_all(controllers).for_each(|r| async move {
@@ -175,18 +184,44 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Routes a finished task's wake-up to the controller watching its namespace.
-async fn route_wakes(
+/// A finished task's build is reconciled at once, in a lane of its own next to the
+/// controller's queue: behind a burst of new ImageBuilds (each of which costs a read
+/// and two writes to start), a step transition waited seconds for a worker. The
+/// reconcile is the same, under the same per-build lock; when it cannot finish (an
+/// error, or the object changed since our last write) the controller takes over.
+async fn transitions(
     mut rx: mpsc::UnboundedReceiver<WakeKey>,
     wakers: HashMap<Option<String>, mpsc::UnboundedSender<WakeKey>>,
+    ctx: Arc<Context>,
+    lane: Arc<tokio::sync::Semaphore>,
 ) {
+    let wakers = Arc::new(wakers);
     while let Some(key) = rx.recv().await {
-        let tx = wakers
-            .get(&Some(key.0.clone()))
-            .or_else(|| wakers.get(&None));
-        if let Some(tx) = tx {
-            let _ = tx.send(key);
-        }
+        let Ok(permit) = lane.clone().acquire_owned().await else {
+            return;
+        };
+        let (ctx, wakers) = (ctx.clone(), wakers.clone());
+        tokio::spawn(async move {
+            let build = Build {
+                ns: key.namespace.clone(),
+                name: key.name.clone(),
+                uid: key.uid.clone(),
+                started: Instant::now(),
+            };
+            let span = info_span!("reconcile", namespace = %build.ns, build = %build.name);
+            let result = reconcile_one(None, &build, ctx).instrument(span).await;
+            drop(permit);
+            metrics::get().reconciled(result.is_ok(), build.started.elapsed());
+            if let Err(e) = result {
+                tracing::debug!(namespace = %build.ns, build = %build.name, error = %e, "handing the transition to the controller");
+                let tx = wakers
+                    .get(&Some(key.namespace.clone()))
+                    .or_else(|| wakers.get(&None));
+                if let Some(tx) = tx {
+                    let _ = tx.send(key);
+                }
+            }
+        });
     }
 }
 
@@ -244,7 +279,14 @@ async fn reconcile(obj: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Requeue, E
         started: Instant::now(),
     };
     let span = info_span!("reconcile", namespace = %build.ns, build = %build.name);
-    let result = reconcile_one(&obj, &build, ctx).instrument(span).await;
+    let result = match reconcile_one(Some(&obj), &build, ctx)
+        .instrument(span)
+        .await
+    {
+        // Decide again, from a fresh read.
+        Err(Error::Conflict) => Ok(Requeue::requeue(Duration::ZERO)),
+        other => other,
+    };
     metrics::get().reconciled(result.is_ok(), build.started.elapsed());
     result
 }
@@ -257,8 +299,11 @@ struct Build {
     started: Instant,
 }
 
+/// `cached` is the controller's view of the object; a task's wake-up has none and
+/// decides from our last write: every action follows a status write conditional on
+/// the resourceVersion it was decided from, so a stale one conflicts and is read again.
 async fn reconcile_one(
-    cached: &ImageBuild,
+    cached: Option<&ImageBuild>,
     build: &Build,
     ctx: Arc<Context>,
 ) -> Result<Requeue, Error> {
@@ -268,7 +313,11 @@ async fn reconcile_one(
     // The cache may lag our own writes: decide from our last write when the cache
     // shows one of ours, else from a fresh read under the build's lock. A recreated
     // object (another uid) waits for its own event.
-    let obj = match known.current(cached) {
+    let ours = match cached {
+        Some(cached) => known.current(cached),
+        None => known.latest(),
+    };
+    let obj = match ours {
         Some(o) => o.clone(),
         None => match api.get_opt(&build.name).await? {
             Some(o) if o.uid().as_deref() == Some(build.uid.as_str()) => o,
@@ -280,7 +329,7 @@ async fn reconcile_one(
         Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
             tracing::debug!("status changed since it was read; reconciling again");
             known.clear();
-            Ok(Requeue::requeue(Duration::ZERO))
+            Err(Error::Conflict)
         }
         other => other,
     }
@@ -438,8 +487,12 @@ async fn decide(
                 if key.kind == TaskKind::Run {
                     transition(ctx, build, write_time);
                 }
-                ctx.runner
-                    .spawn(uid, (ns.to_string(), name.to_string()), key, work, span);
+                let wake = WakeKey {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    uid: uid.to_string(),
+                };
+                ctx.runner.spawn(wake, key, work, span);
                 // A safety net only: the task wakes the build when it finishes.
                 requeue = Requeue::requeue(Duration::from_secs(300));
             }

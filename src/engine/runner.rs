@@ -20,8 +20,13 @@ use crate::metrics;
 /// How long a cancelled step gets to wind down before it is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(15);
 
-/// Identifies a build to wake when its task finishes (namespace, name).
-pub type WakeKey = (String, String);
+/// Identifies a build to wake when its task finishes.
+#[derive(Clone, Debug)]
+pub struct WakeKey {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
 
 struct Entry {
     key: TaskKey,
@@ -116,7 +121,8 @@ impl Runner {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    pub fn spawn(&self, uid: &str, wake: WakeKey, key: TaskKey, work: Work, span: tracing::Span) {
+    pub fn spawn(&self, wake: WakeKey, key: TaskKey, work: Work, span: tracing::Span) {
+        let uid = wake.uid.as_str();
         let cancel = match &work {
             Work::Run(_, ctx) => ctx.cancel.clone(),
             Work::Cleanup(..) => self.shutdown.child_token(),
