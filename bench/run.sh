@@ -20,3 +20,5 @@ stop() { bash tests/env/down.sh >/dev/null 2>&1 || true; }
 
 cargo test --release --test bench -- --ignored --nocapture --test-threads 1 2>&1 |
 	tee "$KILN_TEST_ENV/bench.log" | grep -v '^\s*$' | grep -Ev '"(p50|p90|mean)"'
+# The README's tables, from every result in bench/results.
+python3 bench/table.py bench/results

@@ -29,8 +29,8 @@ struct RunArgs {
     /// Watch only these namespaces, comma-separated or repeated (default: all namespaces).
     #[arg(long, env = "KILN_NAMESPACE", value_delimiter = ',')]
     namespace: Vec<String>,
-    /// How many ImageBuilds are reconciled at once. Steps run in the background and do
-    /// not count against this.
+    /// How many ImageBuilds are reconciled at once; as many finished steps are recorded
+    /// at once in a lane of their own. Steps run in the background and do not count.
     #[arg(long, env = "KILN_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

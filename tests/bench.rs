@@ -74,7 +74,6 @@ async fn benchmark() {
     std::fs::create_dir_all(&out_dir).expect("bench/results");
     let machine = machine();
     println!("machine: {machine}");
-    let mut rows = Vec::new();
     for s in scenarios() {
         println!("=== {} ===", s.name());
         let mut result = run(&s).await;
@@ -86,38 +85,7 @@ async fn benchmark() {
         )
         .expect("write result");
         println!("{}", serde_json::to_string_pretty(&result).expect("json"));
-        rows.push(result);
     }
-    println!("\n{}", table(&rows));
-}
-
-/// The README's performance table for these results.
-fn table(rows: &[Value]) -> String {
-    let mut t = String::from(
-        "| scenario | builds | wall s | builds/min | transition p50 / p99 / max ms | apiserver reads / writes per build | writes per step | EC2 calls per build | peak RSS MiB | CPU s |\n|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        t += &format!(
-            "| {} | {}/{} | {:.1} | {:.1} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {:.2} | {} | {:.1} | {:.1} |\n",
-            r["scenario"].as_str().unwrap_or(""),
-            r["succeeded"],
-            r["builds"],
-            r["wall_seconds"].as_f64().unwrap_or(0.0),
-            r["builds_per_minute"].as_f64().unwrap_or(0.0),
-            r["transition_ms"]["p50"].as_f64().unwrap_or(0.0),
-            r["transition_ms"]["p99"].as_f64().unwrap_or(0.0),
-            r["transition_ms"]["max"].as_f64().unwrap_or(0.0),
-            r["apiserver_per_build"]["reads"].as_f64().unwrap_or(0.0),
-            r["apiserver_per_build"]["writes"].as_f64().unwrap_or(0.0),
-            r["apiserver_writes_per_step"].as_f64().unwrap_or(0.0),
-            r["ec2_calls_per_build"]["total"]
-                .as_f64()
-                .map_or("-".into(), |v| format!("{v:.1}")),
-            r["operator"]["peak_rss_mib"].as_f64().unwrap_or(0.0),
-            r["operator"]["cpu_seconds"].as_f64().unwrap_or(0.0),
-        );
-    }
-    t
 }
 
 async fn run(s: &Scenario) -> Value {
