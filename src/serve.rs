@@ -23,9 +23,10 @@ pub enum Error {
     },
 }
 
-/// What the probes report. Live means the process still makes progress; ready means it
-/// has started: a standby replica waiting for the lease is ready too, since the
-/// Service only carries metrics and a not-ready standby would only block rollouts.
+/// What the probes report. Live means the process still makes progress. Ready means a
+/// sole replica's controllers have listed what they watch; a standby replica waiting for
+/// the lease is ready as it starts, since the Service only carries metrics and a
+/// not-ready standby would only block rollouts.
 #[derive(Default)]
 pub struct Health {
     ready: AtomicBool,

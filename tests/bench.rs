@@ -137,10 +137,7 @@ async fn run(s: &Scenario) -> Value {
         op.http_get("/readyz").await.ok().filter(|(c, _)| *c == 200)
     })
     .await;
-
-    // /readyz does not wait for the controller's first list; give the watch time to
-    // start so the first scenario does not time the operator's start-up.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // /readyz waits for the controller's first list, so no scenario times the start-up.
     let api_before = apiserver_requests(&fx).await;
     if let Some(ec2) = &ec2 {
         ec2.control("DELETE", "/_kiln/calls", None);

@@ -269,3 +269,57 @@ async fn leader_election_fails_over_to_the_standby() {
     );
     assert!(c.is_running());
 }
+
+/// A sole replica reports ready only once its controller has listed the ImageBuilds
+/// it watches: here it cannot reach the apiserver, so it serves /healthz but not
+/// /readyz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_controller_has_listed_what_it_watches() {
+    let fx = Fixture::new("readyz").await;
+    let kubeconfig = std::fs::read_to_string(&fx.operator_kubeconfig).expect("kubeconfig");
+    // Port 1 on loopback refuses connections.
+    let unreachable: String = kubeconfig
+        .lines()
+        .map(|l| match l.split_once("server:") {
+            Some((indent, _)) => format!("{indent}server: https://127.0.0.1:1\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    assert_ne!(unreachable, kubeconfig, "no server line in the kubeconfig");
+    let path = fx.env.dir.join(format!("unreachable-{}.kubeconfig", fx.ns));
+    std::fs::write(&path, unreachable).expect("write kubeconfig");
+    let mut op = Operator::start_with(
+        &path,
+        &fx.ns,
+        &fx.env
+            .dir
+            .join("logs")
+            .join(format!("{}-unreachable.log", fx.ns)),
+        &[],
+    );
+    wait_until(Duration::from_secs(20), "/healthz to answer", || async {
+        op.http_get("/healthz")
+            .await
+            .ok()
+            .filter(|(c, _)| *c == 200)
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(op.http_get("/readyz").await.expect("readyz").0, 503);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    op.kill();
+    // The fixture's operator reaches the apiserver: ready.
+    wait_until(
+        Duration::from_secs(20),
+        "the fixture's operator ready",
+        || async {
+            fx.operator
+                .http_get("/readyz")
+                .await
+                .ok()
+                .filter(|(c, _)| *c == 200)
+        },
+    )
+    .await;
+}

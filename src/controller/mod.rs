@@ -85,8 +85,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     if let Some(addr) = &settings.metrics_addr {
         serve::start(addr, health.clone(), build_counts(stores.clone())).await?;
     }
-    // A standby replica is ready: it serves metrics and waits for the lease.
-    health.set_ready();
+    // A standby replica is ready: it serves metrics and waits for the lease. A sole
+    // replica is ready once its controllers have listed what they watch.
+    if settings.leader_election.is_some() {
+        health.set_ready();
+    }
 
     let mut leadership = match &settings.leader_election {
         None => None,
@@ -156,6 +159,27 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         )),
     ));
 
+    if settings.leader_election.is_none() {
+        let stores: Vec<Store<ImageBuild>> = lock(&stores).clone();
+        let health = health.clone();
+        // Concurrently with the controllers: their caches fill only while they run.
+        tokio::spawn(async move {
+            for store in stores {
+                // Polled again and again: `wait_until_ready` keeps only the last
+                // waiter's waker (one oneshot receiver behind a mutex), and the
+                // controller waits on the same store, so a single await may never wake.
+                loop {
+                    let wait = store.wait_until_ready();
+                    match tokio::time::timeout(Duration::from_millis(100), wait).await {
+                        Ok(Ok(())) => break,
+                        Ok(Err(_)) => return,
+                        Err(_) => {}
+                    }
+                }
+            }
+            health.set_ready();
+        });
+    }
     tracing::info!(namespaces = ?settings.namespaces, "kiln controller starting");
     let controllers = futures::stream::select_all(controllers).for_each(|r| async move {
         if let Err(e) = r {
