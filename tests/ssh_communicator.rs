@@ -860,8 +860,11 @@ where
 
 /// TCP proxy that can be frozen: stops forwarding without closing, like a
 /// machine that vanished from the network.
-async fn freezable_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicBool>) {
+/// A proxy in front of `sshd` whose traffic stops (no reset) once the flag is set,
+/// and the target that connects through it.
+async fn freezable_proxy(sshd: &Sshd) -> (Target, Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::AtomicBool;
+    let upstream = sshd.port;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let frozen = Arc::new(AtomicBool::new(false));
@@ -877,21 +880,21 @@ async fn freezable_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicBo
             tokio::spawn(pump(sr, cw, f.clone()));
         }
     });
-    (port, frozen)
+    let mut target = sshd.target();
+    target.port = port;
+    // known_hosts entry is for the sshd port; the proxy port needs its own.
+    target.host_key = HostKeyPolicy::KnownHosts(format!(
+        "[127.0.0.1]:{port} {}\n",
+        Keys::get().public("host_ed25519")
+    ));
+    (target, frozen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_detects_dead_connection() {
     init_tracing();
     let sshd = Sshd::start("keepalive");
-    let (proxy_port, frozen) = freezable_proxy(sshd.port).await;
-    let mut target = sshd.target();
-    target.port = proxy_port;
-    // known_hosts entry is for the sshd port; the proxy port needs its own.
-    target.host_key = HostKeyPolicy::KnownHosts(format!(
-        "[127.0.0.1]:{proxy_port} {}\n",
-        Keys::get().public("host_ed25519")
-    ));
+    let (mut target, frozen) = freezable_proxy(&sshd).await;
     target.keepalive = Duration::from_millis(500);
     let session = ssh::connect(&target, &CancellationToken::new())
         .await
@@ -1050,13 +1053,7 @@ async fn a_kept_session_is_reused_only_while_it_answers() {
 
     // Nor is one that stopped answering without a reset (a half-open TCP
     // connection): the probe gives up within its timeout.
-    let (proxy_port, frozen) = freezable_proxy(sshd.port).await;
-    let mut target = sshd.target();
-    target.port = proxy_port;
-    target.host_key = HostKeyPolicy::KnownHosts(format!(
-        "[127.0.0.1]:{proxy_port} {}\n",
-        Keys::get().public("host_ed25519")
-    ));
+    let (target, frozen) = freezable_proxy(&sshd).await;
     let s = ssh::connect(&target, &cancel)
         .await
         .expect("connect via proxy");

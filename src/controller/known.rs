@@ -90,7 +90,7 @@ mod tests {
             "apiVersion": "kiln.dev/v1alpha1",
             "kind": "ImageBuild",
             "metadata": {"name": "b", "namespace": "n", "resourceVersion": rv},
-                "spec": {
+            "spec": {
                 "builder": {"null": {}},
                 "communicator": {"ssh": {
                     "host": "h",

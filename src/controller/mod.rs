@@ -227,17 +227,14 @@ async fn transitions(
         let (ctx, wakers) = (ctx.clone(), wakers.clone());
         tokio::spawn(async move {
             let build = Build {
-                ns: key.namespace.clone(),
-                name: key.name.clone(),
-                uid: key.uid.clone(),
+                key,
                 started: Instant::now(),
             };
-            let span = info_span!("reconcile", namespace = %build.ns, build = %build.name);
-            let result = reconcile_one(None, &build, ctx).instrument(span).await;
+            let result = reconcile_build(None, &build, ctx).await;
             drop(permit);
-            metrics::get().reconciled(result.is_ok(), build.started.elapsed());
             if let Err(e) = result {
-                tracing::debug!(namespace = %build.ns, build = %build.name, error = %e, "handing the transition to the controller");
+                let key = build.key;
+                tracing::debug!(namespace = %key.namespace, build = %key.name, error = %e, "handing the transition to the controller");
                 let tx = wakers
                     .get(&Some(key.namespace.clone()))
                     .or_else(|| wakers.get(&None));
@@ -297,30 +294,38 @@ fn error_policy(obj: Arc<ImageBuild>, err: &Error, _ctx: Arc<Context>) -> Requeu
 
 async fn reconcile(obj: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let build = Build {
-        ns: obj.namespace().ok_or(Error::MissingField("namespace"))?,
-        name: obj.name_any(),
-        uid: obj.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        key: WakeKey {
+            namespace: obj.namespace().ok_or(Error::MissingField("namespace"))?,
+            name: obj.name_any(),
+            uid: obj.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        },
         started: Instant::now(),
     };
-    let span = info_span!("reconcile", namespace = %build.ns, build = %build.name);
-    let result = match reconcile_one(Some(&obj), &build, ctx)
-        .instrument(span)
-        .await
-    {
+    match reconcile_build(Some(&obj), &build, ctx).await {
         // Decide again, from a fresh read.
         Err(Error::Conflict) => Ok(Requeue::requeue(Duration::ZERO)),
         other => other,
-    };
-    metrics::get().reconciled(result.is_ok(), build.started.elapsed());
-    result
+    }
 }
 
-/// The build a reconcile is about.
+/// The build a reconcile is about, and when the reconcile began.
 struct Build {
-    ns: String,
-    name: String,
-    uid: String,
+    key: WakeKey,
     started: Instant,
+}
+
+/// One reconcile, from the controller or a finished task, in its span and counted.
+/// A conflict is not a failure: the build is decided again from a fresh read.
+async fn reconcile_build(
+    cached: Option<&ImageBuild>,
+    build: &Build,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    let span = info_span!("reconcile", namespace = %build.key.namespace, build = %build.key.name);
+    let result = reconcile_one(cached, build, ctx).instrument(span).await;
+    let ok = matches!(result, Ok(_) | Err(Error::Conflict));
+    metrics::get().reconciled(ok, build.started.elapsed());
+    result
 }
 
 /// `cached` is the controller's view of the object; a task's wake-up has none and
@@ -331,8 +336,13 @@ async fn reconcile_one(
     build: &Build,
     ctx: Arc<Context>,
 ) -> Result<Requeue, Error> {
-    let api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), &build.ns);
-    let lock = ctx.builds.lock(&build.uid);
+    let WakeKey {
+        namespace,
+        name,
+        uid,
+    } = &build.key;
+    let api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), namespace);
+    let lock = ctx.builds.lock(uid);
     let mut known = lock.lock().await;
     // The cache may lag our own writes: decide from our last write when the cache
     // shows one of ours, else from a fresh read under the build's lock. A recreated
@@ -343,14 +353,14 @@ async fn reconcile_one(
     };
     let obj = match ours {
         Some(o) => o.clone(),
-        None => match api.get_opt(&build.name).await? {
-            Some(o) if o.uid().as_deref() == Some(build.uid.as_str()) => o,
+        None => match api.get_opt(name).await? {
+            Some(o) if o.uid().as_deref() == Some(uid.as_str()) => o,
             _ => return Ok(Requeue::await_change()),
         },
     };
     match decide(&api, &obj, &mut known, build, &ctx).await {
         // Someone wrote since: decide again from a fresh read.
-        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+        Err(Error::Kube(e)) if is_conflict(&e) => {
             tracing::debug!("status changed since it was read; reconciling again");
             known.clear();
             Err(Error::Conflict)
@@ -366,16 +376,18 @@ async fn decide(
     build: &Build,
     ctx: &Context,
 ) -> Result<Requeue, Error> {
-    let Build { ns, name, uid, .. } = build;
+    let WakeKey {
+        namespace: ns,
+        name,
+        uid,
+    } = &build.key;
     let deleting = obj.meta().deletion_timestamp.is_some();
     let with_finalizer;
     let obj = if obj.finalizers().iter().any(|f| f == FINALIZER) {
         obj
     } else {
         if deleting {
-            ctx.runner.forget(uid, true);
-            ctx.builds.forget(uid);
-            ctx.sessions.close(uid);
+            forget(ctx, uid);
             return Ok(Requeue::await_change());
         }
         // Go on with the object the patch returned: the build starts in this
@@ -511,12 +523,7 @@ async fn decide(
                 if key.kind == TaskKind::Run {
                     transition(ctx, build, write_time);
                 }
-                let wake = WakeKey {
-                    namespace: ns.to_string(),
-                    name: name.to_string(),
-                    uid: uid.to_string(),
-                };
-                ctx.runner.spawn(wake, key, work, span);
+                ctx.runner.spawn(build.key.clone(), key, work, span);
                 // A safety net only: the task wakes the build when it finishes.
                 requeue = Requeue::requeue(Duration::from_secs(300));
             }
@@ -524,8 +531,7 @@ async fn decide(
             Action::Forget => ctx.runner.forget(uid, false),
             Action::RemoveFinalizer => {
                 status::remove_finalizer(api, obj).await?;
-                ctx.runner.forget(uid, true);
-                ctx.builds.forget(uid);
+                forget(ctx, uid);
                 publish(
                     ctx,
                     obj,
@@ -550,12 +556,24 @@ async fn decide(
     Ok(requeue)
 }
 
+/// Drops everything this process holds about a build that is gone.
+fn forget(ctx: &Context, uid: &str) {
+    ctx.runner.forget(uid, true);
+    ctx.builds.forget(uid);
+    ctx.sessions.close(uid);
+}
+
+/// Someone wrote the object since the resourceVersion a write was conditional on.
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
 /// Measures the controller's part between one step's finish and the next step's
 /// start, split where the time goes: waiting for a reconcile to begin (the
 /// controller's queue, or the build's previous reconcile still running), and the
 /// status write that must land before the next step may start.
 fn transition(ctx: &Context, build: &Build, write: Duration) {
-    let Some(finished) = ctx.runner.take_finished_at(&build.uid) else {
+    let Some(finished) = ctx.runner.take_finished_at(&build.key.uid) else {
         return;
     };
     let total = finished.elapsed();
@@ -712,7 +730,7 @@ impl RecordSink for StatusSink {
                         known.wrote(written);
                         return Ok(());
                     }
-                    Err(kube::Error::Api(e)) if e.code == 409 => known.clear(),
+                    Err(e) if is_conflict(&e) => known.clear(),
                     Err(e) => return Err(e.to_string()),
                 }
             }
