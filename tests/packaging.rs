@@ -848,6 +848,7 @@ fn kustomize_install_grants_what_the_operator_needs() {
             ("get secrets -n default", true),
             ("create secrets -n default", true),
             ("delete secrets -n default", true),
+            ("patch secrets -n default", true),
             ("get configmaps -n default", true),
             ("create configmaps -n default", true),
             ("patch configmaps -n default", true),

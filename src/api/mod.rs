@@ -128,11 +128,17 @@ pub struct AmazonEbsBuilder {
     pub security_group_ids: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_pair_name: Option<String>,
+    /// Tags of the image (and its copies). Keys `kiln.dev/*` and `aws:*` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = reserved_tags_rule())]
     pub tags: BTreeMap<String, String>,
+    /// Tags of the build instance and its volumes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = reserved_tags_rule())]
     pub run_tags: BTreeMap<String, String>,
+    /// Tags of the image's snapshots.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = reserved_tags_rule())]
     pub snapshot_tags: BTreeMap<String, String>,
     #[serde(default)]
     pub encrypt_boot: bool,
@@ -174,6 +180,13 @@ pub struct AmazonEbsBuilder {
     /// Also write the artifacts to this ConfigMap (Packer's manifest post-processor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_config_map: Option<LocalObjectRef>,
+}
+
+/// kiln finds and cleans up its resources by its `kiln.dev/*` tags; a user tag must
+/// never replace one. EC2 refuses `aws:*` keys.
+fn reserved_tags_rule() -> kube::core::Rule {
+    kube::core::Rule::new("self.all(k, !k.startsWith('kiln.dev/') && !k.startsWith('aws:'))")
+        .message("tag keys starting with kiln.dev/ (kiln's own) or aws: (AWS's) are reserved")
 }
 
 fn default_ssh_cidrs() -> Vec<String> {

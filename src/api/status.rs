@@ -26,9 +26,25 @@ pub struct ImageBuildStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepRecord>,
-    /// Images captured by this and earlier generations (bounded history).
+    /// Images of the builds that succeeded, this and earlier generations (bounded
+    /// history, newest last). An image appears here once every step of its build has
+    /// succeeded, and only kiln's `artifactPolicy: Delete` ever removes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<Artifact>,
+    /// Every region a build of this ImageBuild created a resource in: with
+    /// `artifactPolicy: Delete`, kiln looks for this ImageBuild's images in each,
+    /// including images of generations the bounded `artifacts` no longer lists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// Secrets of this namespace that carry kiln's finalizer `kiln.dev/cleanup-<uid>`
+    /// because this ImageBuild's cleanup needs them (cloud credentials): a deleted
+    /// Secret (a GitOps prune, a namespace deletion) waits until cleanup is done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_secrets: Vec<String>,
+    /// Removal of every image of this ImageBuild on deletion, with
+    /// `artifactPolicy: Delete`; retried until done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_removal: Option<ArtifactRemoval>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,6 +125,34 @@ pub struct StepRecord {
     /// Why the last cleanup attempt failed, while it is being retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleanup_message: Option<String>,
+    /// How many cleanup attempts failed: retries back off by this count, not by
+    /// `cleanupAttempts`, which an operator restart also increases.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cleanup_failures: u32,
+    /// The next cleanup attempt starts no earlier than this, also after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_retry_at: Option<Time>,
+    /// Images this step produced; they move to `status.artifacts` once every step
+    /// of the build has succeeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// `artifactPolicy: Delete` at work: every image of the ImageBuild, in every region
+/// it used, is removed before the finalizer is released.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactRemoval {
+    pub phase: CleanupPhase,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Time>,
+    /// What was removed, or why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -129,6 +173,9 @@ impl StepRecord {
             cleanup_attempts: 0,
             message: None,
             cleanup_message: None,
+            cleanup_failures: 0,
+            cleanup_retry_at: None,
+            artifacts: Vec::new(),
         }
     }
 
@@ -147,8 +194,11 @@ pub enum StepPhase {
     Cancelled,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum CleanupPhase {
+    #[default]
     Pending,
     Done,
     NotNeeded,

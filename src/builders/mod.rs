@@ -30,6 +30,42 @@ pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
     }
 }
 
+/// What removes every image of an ImageBuild on deletion (`artifactPolicy: Delete`):
+/// a step whose `cleanup` does it, for builders that make images.
+pub fn artifact_remover(spec: &ImageBuildSpec) -> Option<std::sync::Arc<dyn crate::engine::Step>> {
+    match (&spec.builder.null, &spec.builder.amazon_ebs) {
+        (None, Some(_)) => Some(Arc::new(amazon::RemoveArtifacts)),
+        _ => None,
+    }
+}
+
+/// Secrets (in the build's namespace) that cleaning up a build of this spec reads:
+/// kiln holds them with a finalizer while there is anything to clean up.
+pub fn cleanup_secrets(spec: &ImageBuildSpec) -> Vec<String> {
+    spec.builder
+        .amazon_ebs
+        .as_ref()
+        .and_then(|e| e.credentials.as_ref())
+        .map(|c| vec![c.secret_ref.name.clone()])
+        .unwrap_or_default()
+}
+
+/// The regions a build of this spec creates resources in.
+pub fn regions(spec: &ImageBuildSpec) -> Vec<String> {
+    match &spec.builder.amazon_ebs {
+        Some(ebs) => {
+            let mut r = vec![ebs.region.clone()];
+            for region in &ebs.ami_regions {
+                if !r.contains(region) {
+                    r.push(region.clone());
+                }
+            }
+            r
+        }
+        None => Vec::new(),
+    }
+}
+
 /// Provisioner steps, named `shell-1`, `file-2`, … by position so names stay unique
 /// and stable for a generation.
 pub fn provisioner_steps(provisioners: &[Provisioner]) -> Result<Plan, PlanError> {

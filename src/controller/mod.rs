@@ -23,14 +23,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
 use crate::api::{
-    BuildPhase, FINALIZER, ImageBuild, ImageBuildSpec, ImageBuildStatus, ResourceRecord, StepRecord,
+    ArtifactPolicy, BuildPhase, FINALIZER, ImageBuild, ImageBuildSpec, ImageBuildStatus,
+    ResourceRecord, StepRecord,
 };
 use crate::builders::{self, PlanError};
 use crate::communicator::pool::SessionPool;
 use crate::engine::advance::{self, Action, Input, PlanView, TaskKind, TaskState};
 use crate::engine::runner::{Runner, WakeKey, Work};
 use crate::engine::{
-    BuildFacts, BuildOutcome, CleanupContext, Plan, RecordSink, Step, StepContext,
+    BuildFacts, BuildOutcome, CleanupContext, Plan, RecordError, RecordSink, Step, StepContext,
 };
 use crate::serve::{self, Health};
 use crate::{leader, metrics};
@@ -68,6 +69,8 @@ struct Context {
     sessions: Arc<SessionPool>,
     recorder: Recorder,
     sink: Arc<dyn RecordSink>,
+    /// Reconciles of a build that failed in a row, by uid: requeues back off by it.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
@@ -119,6 +122,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             client: client.clone(),
             builds,
         }),
+        failures: Mutex::default(),
     });
 
     // One Controller per watched namespace (or one for all); finished steps wake
@@ -287,9 +291,37 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-fn error_policy(obj: Arc<ImageBuild>, err: &Error, _ctx: Arc<Context>) -> Requeue {
-    tracing::warn!(namespace = ?obj.namespace(), name = %obj.name_any(), error = %err, "reconcile failed; retrying");
-    Requeue::requeue(Duration::from_secs(2))
+/// A failing reconcile is retried with exponential backoff per build (2 s up to
+/// 5 min): a persistent error (a status write the apiserver refuses, RBAC) must
+/// not cost a full status write every 2 s for ever.
+fn error_policy(obj: Arc<ImageBuild>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    let failures = obj.uid().map_or(1, |uid| failed_again(&ctx, &uid));
+    let delay = error_backoff(failures);
+    tracing::warn!(namespace = ?obj.namespace(), name = %obj.name_any(), error = %err, failures, retry_in_ms = delay.as_millis() as u64, "reconcile failed; retrying");
+    Requeue::requeue(delay)
+}
+
+fn error_backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(8);
+    (Duration::from_secs(2) * (1u32 << exp)).min(Duration::from_secs(300))
+}
+
+/// A conflict is retried at once the first time (someone wrote since; common and
+/// harmless), then with a delay that grows, so that a writer that keeps
+/// conflicting with kiln (another controller, a second leader) is no hot loop.
+fn conflict_backoff(failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = (failures - 2).min(8);
+    (Duration::from_millis(100) * (1u32 << exp)).min(Duration::from_secs(30))
+}
+
+fn failed_again(ctx: &Context, uid: &str) -> u32 {
+    let mut failures = lock(&ctx.failures);
+    let n = failures.entry(uid.to_string()).or_default();
+    *n = n.saturating_add(1);
+    *n
 }
 
 async fn reconcile(obj: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Requeue, Error> {
@@ -301,10 +333,15 @@ async fn reconcile(obj: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Requeue, E
         },
         started: Instant::now(),
     };
-    match reconcile_build(Some(&obj), &build, ctx).await {
+    let uid = build.key.uid.clone();
+    match reconcile_build(Some(&obj), &build, ctx.clone()).await {
         // Decide again, from a fresh read.
-        Err(Error::Conflict) => Ok(Requeue::requeue(Duration::ZERO)),
-        other => other,
+        Err(Error::Conflict) => Ok(Requeue::requeue(conflict_backoff(failed_again(&ctx, &uid)))),
+        Ok(r) => {
+            lock(&ctx.failures).remove(&uid);
+            Ok(r)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -409,11 +446,32 @@ async fn decide(
     let recorded_needs = recorded_view.needs_cleanup();
     let spec_json = serde_json::to_value(&obj.spec).map_err(Error::Serialize)?;
     let task = ctx.runner.state(uid);
+    // Artifacts are removed with the current spec's builder (its credentials), or
+    // the recorded one's when the current builder makes no images.
+    let remover = builders::artifact_remover(&current.spec)
+        .map(|s| (s, current.spec.clone()))
+        .or_else(|| {
+            recorded
+                .as_ref()
+                .and_then(|r| builders::artifact_remover(&r.spec).map(|s| (s, r.spec.clone())))
+        });
+    let mut secrets = builders::cleanup_secrets(&current.spec);
+    for n in recorded
+        .as_ref()
+        .map(|r| builders::cleanup_secrets(&r.spec))
+        .unwrap_or_default()
+    {
+        if !secrets.contains(&n) {
+            secrets.push(n);
+        }
+    }
     let decision = advance::advance(&Input {
         status: &old_status,
         generation,
         deleting,
         on_error: obj.spec.on_error,
+        delete_artifacts: obj.spec.artifact_policy == ArtifactPolicy::Delete && remover.is_some(),
+        secrets: &secrets,
         builder: obj.spec.builder.kind(),
         spec: &spec_json,
         plan: PlanView {
@@ -429,7 +487,8 @@ async fn decide(
     });
 
     let mut write_time = Duration::ZERO;
-    if decision.status != old_status {
+    let wrote = decision.status != old_status;
+    if wrote {
         let write_started = Instant::now();
         let written = status::apply(api, obj, &decision.status).await?;
         write_time = write_started.elapsed();
@@ -450,8 +509,98 @@ async fn decide(
         ctx.sessions.close(uid);
     }
     let mut requeue = Requeue::await_change();
+    let finalizer_goes = decision.actions.contains(&Action::RemoveFinalizer);
     for action in decision.actions {
         match action {
+            Action::HoldSecrets(names) => {
+                // Before the step that may create what needs them is spawned (the
+                // action comes first). A hold that fails is not fatal: the build
+                // can still clean up as long as nobody deletes the Secret.
+                if let Err(e) = status::hold_secrets(&ctx.client, ns, uid, &names).await {
+                    tracing::warn!(error = %e, secrets = ?names, "could not hold the Secrets cleanup needs");
+                    publish(
+                        ctx,
+                        obj,
+                        true,
+                        "SecretsNotHeld",
+                        "Hold secrets".into(),
+                        format!(
+                            "could not add finalizer {} to Secret(s) {}: {e}; deleting them before cleanup is done would block it",
+                            status::secret_finalizer(uid),
+                            names.join(", ")
+                        ),
+                    )
+                    .await;
+                }
+            }
+            Action::ReleaseSecrets(names) => {
+                status::release_secrets(&ctx.client, ns, uid, &names).await?;
+                if !finalizer_goes {
+                    // The object as it is now: our write above, else the one decided from.
+                    let base = match known.latest() {
+                        Some(latest) if wrote => latest.clone(),
+                        _ => obj.clone(),
+                    };
+                    let mut st = decision.status.clone();
+                    st.held_secrets.retain(|n| !names.contains(n));
+                    let written = status::apply(api, &base, &st).await?;
+                    known.wrote(written);
+                }
+            }
+            Action::Spawn(key) if key.kind == TaskKind::RemoveArtifacts => {
+                let Some((step, spec)) = remover.clone() else {
+                    tracing::error!(?key, "internal: no artifact remover for a spawned task");
+                    continue;
+                };
+                let removal = decision.status.artifact_removal.clone().unwrap_or_default();
+                let mut record = StepRecord::pending("remove-artifacts");
+                // Every image the history lists, also one whose tags were removed.
+                for a in &decision.status.artifacts {
+                    if let Some(id) = &a.image_id {
+                        record.resources.push(ResourceRecord {
+                            kind: "Image".into(),
+                            id: id.clone(),
+                            region: a.region.clone(),
+                            created: true,
+                        });
+                    }
+                    for snap in &a.snapshot_ids {
+                        record.resources.push(ResourceRecord {
+                            kind: "Snapshot".into(),
+                            id: snap.clone(),
+                            region: a.region.clone(),
+                            created: true,
+                        });
+                    }
+                }
+                let facts = Arc::new(BuildFacts {
+                    name: name.to_string(),
+                    namespace: ns.to_string(),
+                    uid: uid.to_string(),
+                    generation: key.generation,
+                    builder: spec.builder.kind(),
+                });
+                let regions = regions_of(
+                    &decision.status,
+                    [Some(&*current.spec), recorded.as_ref().map(|r| &*r.spec)],
+                );
+                let span = info_span!("step", namespace = %ns, build = %name, step = %step.name(), kind = ?key.kind);
+                let work = Work::Cleanup(
+                    step,
+                    CleanupContext {
+                        facts,
+                        spec,
+                        client: ctx.client.clone(),
+                        record,
+                        outputs: BTreeMap::new(),
+                        outcome: BuildOutcome::Failed,
+                        regions,
+                    },
+                    until(removal.retry_at.as_ref()),
+                );
+                ctx.runner.spawn(build.key.clone(), key, work, span);
+                requeue = Requeue::requeue(Duration::from_secs(300));
+            }
             Action::Spawn(key) => {
                 // The same choice the engine made the key with.
                 let source = if advance::uses_recorded_plan(&old_status, key.generation) {
@@ -500,8 +649,9 @@ async fn decide(
                             },
                         )
                     }
-                    TaskKind::Cleanup => {
+                    TaskKind::Cleanup | TaskKind::RemoveArtifacts => {
                         let Some(record) = rec else { continue };
+                        let delay = until(record.cleanup_retry_at.as_ref());
                         Work::Cleanup(
                             step.clone(),
                             CleanupContext {
@@ -515,8 +665,12 @@ async fn decide(
                                     .iter()
                                     .flat_map(|r| r.outputs.clone())
                                     .collect(),
-                                outcome: outcome(&decision.status, deleting, generation),
+                                // From the recorded steps: a build whose every step
+                                // succeeded keeps its images, whatever came after.
+                                outcome: BuildOutcome::of(&decision.status.steps),
+                                regions: regions_of(&decision.status, [Some(&*source.spec)]),
                             },
+                            delay,
                         )
                     }
                 };
@@ -558,6 +712,7 @@ async fn decide(
 
 /// Drops everything this process holds about a build that is gone.
 fn forget(ctx: &Context, uid: &str) {
+    lock(&ctx.failures).remove(uid);
     ctx.runner.forget(uid, true);
     ctx.builds.forget(uid);
     ctx.sessions.close(uid);
@@ -632,19 +787,33 @@ fn recorded_spec(status: &ImageBuildStatus) -> Option<Arc<ImageBuildSpec>> {
     }
 }
 
-fn outcome(s: &crate::api::ImageBuildStatus, deleting: bool, generation: i64) -> BuildOutcome {
-    use crate::api::StepPhase;
-    if deleting || s.observed_generation != Some(generation) {
-        BuildOutcome::Abandoned
-    } else if s
-        .steps
+/// How long until `at`; zero when it is past or unset.
+fn until(at: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> Duration {
+    let Some(at) = at else {
+        return Duration::ZERO;
+    };
+    let left = at.0.duration_since(Timestamp::now());
+    Duration::try_from(left).unwrap_or(Duration::ZERO)
+}
+
+/// Every region the ImageBuild's builds used: recorded in status, and named by the
+/// given specs (a region whose first resource was never recorded still counts).
+fn regions_of<'a>(
+    status: &ImageBuildStatus,
+    specs: impl IntoIterator<Item = Option<&'a ImageBuildSpec>>,
+) -> Vec<String> {
+    let mut regions = status.regions.clone();
+    let more = status
+        .artifacts
         .iter()
-        .any(|r| matches!(r.phase, StepPhase::Failed | StepPhase::Cancelled))
-    {
-        BuildOutcome::Failed
-    } else {
-        BuildOutcome::Succeeded
+        .filter_map(|a| a.region.clone())
+        .chain(specs.into_iter().flatten().flat_map(builders::regions));
+    for r in more {
+        if !regions.contains(&r) {
+            regions.push(r);
+        }
     }
+    regions
 }
 
 /// Events are published in the background: a step transition should not wait for
@@ -664,7 +833,7 @@ async fn publish(
             EventType::Normal
         },
         reason: reason.into(),
-        note: Some(note),
+        note: Some(event_note(note)),
         action,
         secondary: None,
     };
@@ -681,6 +850,22 @@ async fn publish(
     );
 }
 
+/// The apiserver refuses an Event whose note is longer than 1024 bytes, and the
+/// longest notes (a failed script's last output) are the most useful: cut them.
+fn event_note(mut note: String) -> String {
+    const LIMIT: usize = 1024;
+    if note.len() <= LIMIT {
+        return note;
+    }
+    let mut end = LIMIT - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push('…');
+    note
+}
+
 /// Writes resources a running step records, under the build's lock so it never
 /// races a reconcile's status write.
 struct StatusSink {
@@ -694,28 +879,34 @@ impl RecordSink for StatusSink {
         facts: Arc<BuildFacts>,
         step_index: usize,
         resource: ResourceRecord,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), RecordError>> {
         let client = self.client.clone();
         let lock = self.builds.lock(&facts.uid);
         Box::pin(async move {
             let mut known = lock.lock().await;
             let api: Api<ImageBuild> = Api::namespaced(client, &facts.namespace);
+            let write = |e: kube::Error| RecordError::Write(e.to_string());
             // From our last write if there is one; a conflict means someone wrote
             // since, and the second attempt reads the object.
             for _ in 0..2 {
                 let obj = match known.latest() {
                     Some(o) => o.clone(),
-                    None => api.get(&facts.name).await.map_err(|e| e.to_string())?,
+                    None => match api.get_opt(&facts.name).await.map_err(write)? {
+                        Some(o) => o,
+                        None => return Err(RecordError::Gone("the ImageBuild is gone".into())),
+                    },
                 };
                 if obj.uid().as_deref() != Some(facts.uid.as_str()) {
-                    return Err("the ImageBuild was deleted and recreated".into());
+                    return Err(RecordError::Gone(
+                        "the ImageBuild was deleted and recreated".into(),
+                    ));
                 }
                 let mut st = obj.status.clone().unwrap_or_default();
                 if st.observed_generation != Some(facts.generation) {
-                    return Err("the build was superseded".into());
+                    return Err(RecordError::Gone("the build was superseded".into()));
                 }
                 let Some(rec) = st.steps.get_mut(step_index) else {
-                    return Err(format!("no step {step_index} in status"));
+                    return Err(RecordError::Gone(format!("no step {step_index} in status")));
                 };
                 if rec
                     .resources
@@ -731,10 +922,12 @@ impl RecordSink for StatusSink {
                         return Ok(());
                     }
                     Err(e) if is_conflict(&e) => known.clear(),
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(write(e)),
                 }
             }
-            Err("the ImageBuild kept changing while the resource was recorded".into())
+            Err(RecordError::Write(
+                "the ImageBuild kept changing while the resource was recorded".into(),
+            ))
         })
     }
 }

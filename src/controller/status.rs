@@ -1,6 +1,7 @@
 //! Writes to the ImageBuild: status by server-side apply, finalizer by JSON patch
 //! guarded with `test` so a concurrent change is never overwritten.
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -80,4 +81,56 @@ fn patch_params() -> PatchParams {
         field_manager: Some(MANAGER.into()),
         ..Default::default()
     }
+}
+
+/// kiln's finalizer for one ImageBuild on a Secret its cleanup needs.
+pub fn secret_finalizer(uid: &str) -> String {
+    format!("{}/cleanup-{uid}", crate::api::GROUP)
+}
+
+/// Adds the build's finalizer to each Secret (a strategic merge adds to the list
+/// without reading it). A Secret that does not exist is not held: the build fails
+/// on its own when it reads it.
+pub async fn hold_secrets(
+    client: &kube::Client,
+    namespace: &str,
+    uid: &str,
+    names: &[String],
+) -> Result<(), kube::Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let patch = json!({"metadata": {"finalizers": [secret_finalizer(uid)]}});
+    for name in names {
+        match api
+            .patch(name, &patch_params(), &Patch::Strategic(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the build's finalizer from each Secret; a Secret already gone is done.
+pub async fn release_secrets(
+    client: &kube::Client,
+    namespace: &str,
+    uid: &str,
+    names: &[String],
+) -> Result<(), kube::Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let patch =
+        json!({"metadata": {"$deleteFromPrimitiveList/finalizers": [secret_finalizer(uid)]}});
+    for name in names {
+        match api
+            .patch(name, &patch_params(), &Patch::Strategic(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

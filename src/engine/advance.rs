@@ -7,8 +7,8 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::{StepError, StepOutput};
 use crate::api::{
-    Artifact, BuildPhase, CleanupPhase, ImageBuildStatus, OnError, ResourceRecord, StepPhase,
-    StepRecord,
+    Artifact, ArtifactRemoval, BuildPhase, CleanupPhase, ImageBuildStatus, OnError, ResourceRecord,
+    StepPhase, StepRecord,
 };
 
 /// Bound on `status.artifacts` so status stays small across many generations.
@@ -19,6 +19,8 @@ const MESSAGE_LIMIT: usize = 2048;
 pub enum TaskKind {
     Run,
     Cleanup,
+    /// `artifactPolicy: Delete` on deletion: remove every image of the ImageBuild.
+    RemoveArtifacts,
 }
 
 /// Identifies one background task; a result is only taken into status if it still
@@ -56,6 +58,12 @@ pub struct Input<'a> {
     pub generation: i64,
     pub deleting: bool,
     pub on_error: OnError,
+    /// `artifactPolicy: Delete`, and the builder has images to remove: on deletion,
+    /// after the steps are cleaned up, every image of the ImageBuild is removed.
+    pub delete_artifacts: bool,
+    /// Secrets the builds of this object need to clean up (cloud credentials), by
+    /// the current and the recorded spec: held while there is anything to clean up.
+    pub secrets: &'a [String],
     pub builder: &'a str,
     /// The current spec, as a build of `generation` records it in `status.buildSpec`.
     pub spec: &'a serde_json::Value,
@@ -102,6 +110,11 @@ pub enum Action {
     /// Drop the runner's finished task once its result is written.
     Forget,
     RemoveFinalizer,
+    /// Put kiln's finalizer for this build on these Secrets (in its namespace):
+    /// cleanup needs them, so they must outlive the build's cloud resources.
+    HoldSecrets(Vec<String>),
+    /// Take it off again; the controller then drops them from `status.heldSecrets`.
+    ReleaseSecrets(Vec<String>),
     Event {
         warning: bool,
         reason: &'static str,
@@ -179,6 +192,12 @@ fn step(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
             Some(i) => start_cleanup(d, input, i),
             None if owes_cleanup(s) => {
                 hold(d, input);
+                false
+            }
+            None if input.delete_artifacts
+                && s.artifact_removal.as_ref().map(|r| r.phase) != Some(CleanupPhase::Done) =>
+            {
+                start_removal(d, input);
                 false
             }
             None => {
@@ -393,8 +412,41 @@ fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
     false
 }
 
+/// `artifactPolicy: Delete`: one attempt at removing every image of the ImageBuild.
+fn start_removal(d: &mut Decision, input: &Input<'_>) {
+    let s = &mut d.status;
+    let generation = s.observed_generation.unwrap_or(input.generation);
+    let r = s
+        .artifact_removal
+        .get_or_insert_with(ArtifactRemoval::default);
+    r.attempts += 1;
+    let attempt = r.attempts;
+    s.phase = Some(BuildPhase::CleaningUp);
+    s.current_step = None;
+    s.message = Some("removing this ImageBuild's images (artifactPolicy: Delete)".into());
+    d.actions.push(Action::Spawn(TaskKey {
+        generation,
+        kind: TaskKind::RemoveArtifacts,
+        index: 0,
+        step: 0,
+        attempt,
+    }));
+    if attempt == 1 {
+        d.actions.push(Action::Event {
+            warning: false,
+            reason: "ArtifactRemovalStarted",
+            action: "Remove artifacts".into(),
+            note: "removing every image of this ImageBuild, in every region it used (artifactPolicy: Delete)".into(),
+        });
+    }
+}
+
 fn complete(d: &mut Decision, input: &Input<'_>, now: &Time) {
     let s = &mut d.status;
+    // The build that completes may be an earlier generation's, superseded after
+    // its last step: its events and message name its own generation.
+    let generation = s.observed_generation.unwrap_or(input.generation);
+    let action = format!("Build generation {generation}");
     let failed = s
         .steps
         .iter()
@@ -410,21 +462,32 @@ fn complete(d: &mut Decision, input: &Input<'_>, now: &Time) {
             );
             s.phase = Some(BuildPhase::Failed);
             s.message = Some(truncate(&format!("{why}; temporary resources cleaned up")));
+            // A build superseded mid-way is not a failure anyone must act on.
+            let superseded = generation != input.generation;
             d.actions.push(Action::Event {
-                warning: true,
-                reason: "BuildFailed",
-                action: build_action(input),
+                warning: !superseded,
+                reason: if superseded {
+                    "BuildSuperseded"
+                } else {
+                    "BuildFailed"
+                },
+                action,
                 note: truncate(&format!("{why}; cleanup done")),
             });
         }
         None => {
             s.phase = Some(BuildPhase::Succeeded);
-            s.message = Some(format!("generation {} built", input.generation));
+            s.message = Some(format!("generation {generation} built"));
+            // Only now are its images artifacts: every step succeeded.
+            for rec in &mut s.steps {
+                s.artifacts.append(&mut rec.artifacts);
+            }
+            trim_artifacts(&mut s.artifacts);
             d.actions.push(Action::Event {
                 warning: false,
                 reason: "BuildSucceeded",
-                action: build_action(input),
-                note: format!("generation {} built; cleanup done", input.generation),
+                action,
+                note: format!("generation {generation} built; cleanup done"),
             });
         }
     }
@@ -438,6 +501,10 @@ fn take_result(
     now: &Time,
 ) {
     let s = &mut d.status;
+    if let (TaskKind::RemoveArtifacts, TaskResult::Cleanup(result)) = (key.kind, result) {
+        take_removal(d, key, result, now);
+        return;
+    }
     if s.observed_generation != Some(key.generation) {
         return;
     }
@@ -457,10 +524,15 @@ fn take_result(
                     rec.outputs.extend(out.outputs.clone());
                     rec.message = out.message.as_deref().map(truncate);
                     let name = rec.name.clone();
-                    for a in &out.artifacts {
-                        s.artifacts.push(a.clone());
-                    }
-                    trim_artifacts(&mut s.artifacts);
+                    // Held on the step until the whole build succeeds (see `complete`).
+                    rec.artifacts = out.artifacts.clone();
+                    // Images this step removed (an earlier generation's, replaced by
+                    // `forceDeregister`) are no longer artifacts.
+                    s.artifacts.retain(|a| {
+                        !a.image_id
+                            .as_ref()
+                            .is_some_and(|id| out.removed_images.contains(id))
+                    });
                     d.actions.push(Action::Event {
                         warning: false,
                         reason: "StepSucceeded",
@@ -496,6 +568,7 @@ fn take_result(
                 Ok(()) => {
                     rec.cleanup = CleanupPhase::Done;
                     rec.cleanup_message = None;
+                    rec.cleanup_retry_at = None;
                     d.actions.push(Action::Event {
                         warning: false,
                         reason: "CleanupSucceeded",
@@ -504,6 +577,8 @@ fn take_result(
                     });
                 }
                 Err(e) => {
+                    rec.cleanup_failures += 1;
+                    rec.cleanup_retry_at = Some(retry_at(now, rec.cleanup_failures));
                     let note = format!(
                         "cleanup attempt {} of step {} failed, will retry: {e}",
                         key.attempt, rec.name
@@ -523,6 +598,69 @@ fn take_result(
         }
         _ => {}
     }
+}
+
+/// The result of an `artifactPolicy: Delete` attempt.
+fn take_removal(d: &mut Decision, key: &TaskKey, result: &Result<(), StepError>, now: &Time) {
+    let s = &mut d.status;
+    let Some(r) = s.artifact_removal.as_mut() else {
+        return;
+    };
+    if r.phase != CleanupPhase::Pending || r.attempts != key.attempt {
+        return;
+    }
+    match result {
+        Ok(()) => {
+            let removed: Vec<String> = s
+                .artifacts
+                .iter()
+                .filter_map(|a| a.image_id.clone())
+                .collect();
+            r.phase = CleanupPhase::Done;
+            r.retry_at = None;
+            // The removal is recorded here; `artifacts` never lists a removed image.
+            r.message = Some(truncate(&if removed.is_empty() {
+                "removed every image of this ImageBuild".to_string()
+            } else {
+                format!(
+                    "removed every image of this ImageBuild, including {}",
+                    removed.join(", ")
+                )
+            }));
+            s.artifacts.clear();
+            d.actions.push(Action::Event {
+                warning: false,
+                reason: "ArtifactsRemoved",
+                action: "Remove artifacts".into(),
+                note: r.message.clone().unwrap_or_default(),
+            });
+        }
+        Err(e) => {
+            r.failures += 1;
+            r.retry_at = Some(retry_at(now, r.failures));
+            r.message = Some(truncate(&format!(
+                "attempt {} failed, will retry: {e}",
+                key.attempt
+            )));
+            d.actions.push(Action::Event {
+                warning: true,
+                reason: "CleanupFailed",
+                action: "Remove artifacts".into(),
+                note: truncate(&format!(
+                    "removing this ImageBuild's images (artifactPolicy: Delete), attempt {} failed, will retry: {e}",
+                    key.attempt
+                )),
+            });
+        }
+    }
+}
+
+/// When a cleanup that failed `failures` times may be tried again: recorded, so
+/// that an operator restart neither skips the wait nor makes it longer.
+fn retry_at(now: &Time, failures: u32) -> Time {
+    let delay = super::runner::backoff(failures);
+    let delay = k8s_openapi::jiff::SignedDuration::try_from(delay).unwrap_or_default();
+    Time(now.0.checked_add(delay).unwrap_or(now.0))
 }
 
 /// Where the step named `name`, recorded at `index`, is in a plan: by name, so a
@@ -666,9 +804,83 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
+/// Whether cleanup may still need the builds' Secrets: a build that runs or owes
+/// cleanup, and with `artifactPolicy: Delete` the whole life of the object (its
+/// images are removed with them on deletion).
+fn needs_secrets(s: &ImageBuildStatus, input: &Input<'_>, running: bool) -> bool {
+    let removing = input.delete_artifacts
+        && s.artifact_removal.as_ref().map(|r| r.phase) != Some(CleanupPhase::Done);
+    running
+        || removing
+        || owes_cleanup(s)
+        || (!input.deleting
+            && matches!(
+                s.phase,
+                Some(BuildPhase::Pending | BuildPhase::Running | BuildPhase::CleaningUp)
+            ))
+}
+
+/// Holds the Secrets cleanup needs before the step that could need them starts
+/// (the names are recorded in the same status write), and releases them when no
+/// cleanup can need them, before the ImageBuild's own finalizer goes.
+fn hold_or_release(d: &mut Decision, input: &Input<'_>) {
+    let running = matches!(input.task, TaskState::Running { .. })
+        || d.actions.iter().any(|a| matches!(a, Action::Spawn(_)));
+    let s = &mut d.status;
+    if needs_secrets(s, input, running) {
+        let added = input
+            .secrets
+            .iter()
+            .filter(|n| !s.held_secrets.contains(n))
+            .count();
+        for n in input.secrets {
+            if !s.held_secrets.contains(n) {
+                s.held_secrets.push(n.clone());
+            }
+        }
+        // Also after a restart, when the hold may not have landed before the crash.
+        let resumed = d.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Event {
+                    reason: "StepResumed",
+                    ..
+                }
+            )
+        });
+        if (added > 0 || resumed) && !s.held_secrets.is_empty() {
+            d.actions
+                .insert(0, Action::HoldSecrets(s.held_secrets.clone()));
+        }
+    } else if !s.held_secrets.is_empty() {
+        let at = d
+            .actions
+            .iter()
+            .position(|a| *a == Action::RemoveFinalizer)
+            .unwrap_or(d.actions.len());
+        d.actions
+            .insert(at, Action::ReleaseSecrets(s.held_secrets.clone()));
+    }
+}
+
 /// Conditions follow from phase and generation; computed last so they always agree.
 fn finish(d: &mut Decision, input: &Input<'_>) {
+    hold_or_release(d, input);
     let s = &mut d.status;
+    // Every region a build created something in, kept across generations: where
+    // `artifactPolicy: Delete` looks for images the bounded history forgot.
+    let regions: Vec<String> = s
+        .steps
+        .iter()
+        .flat_map(|r| r.resources.iter())
+        .filter(|r| r.created)
+        .filter_map(|r| r.region.clone())
+        .collect();
+    for region in regions {
+        if !s.regions.contains(&region) {
+            s.regions.push(region);
+        }
+    }
     let current = s.observed_generation == Some(input.generation);
     let phase = s.phase;
     let msg = s.message.clone().unwrap_or_default();

@@ -49,12 +49,48 @@ pub struct StepContext {
 
 impl StepContext {
     /// Persist a resource in status before waiting on it (invariant 1).
+    ///
+    /// A write the apiserver refuses for a passing reason (throttling, a timeout, a
+    /// restarting apiserver) is retried with backoff for as long as the step runs:
+    /// the step is about to wait anyway, and failing it would tear down the build.
     pub async fn record(&self, resource: ResourceRecord) -> Result<(), StepError> {
-        self.sink
-            .record(self.facts.clone(), self.step_index, resource)
-            .await
-            .map_err(|e| StepError::Transient(format!("recording resource in status: {e}")))
+        let mut failures = 0;
+        loop {
+            let err = match self
+                .sink
+                .record(self.facts.clone(), self.step_index, resource.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(RecordError::Gone(why)) => {
+                    return Err(StepError::Failed(format!(
+                        "recording {} {} in status: {why}",
+                        resource.kind, resource.id
+                    )));
+                }
+                Err(RecordError::Write(e)) => e,
+            };
+            failures += 1;
+            let delay = runner::backoff(failures).min(std::time::Duration::from_secs(10));
+            tracing::warn!(error = %err, kind = %resource.kind, id = %resource.id, retry_in_ms = delay.as_millis() as u64, "could not record a resource in status; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.cancel.cancelled() => return Err(StepError::Cancelled),
+            }
+        }
     }
+}
+
+/// Why a resource could not be recorded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    /// The build it belongs to is no longer there to record into (deleted and
+    /// recreated, superseded): retrying cannot help.
+    #[error("{0}")]
+    Gone(String),
+    /// The write failed; it may succeed later.
+    #[error("{0}")]
+    Write(String),
 }
 
 /// What a step needs to undo itself.
@@ -66,15 +102,36 @@ pub struct CleanupContext {
     /// Outputs of every step of the build, merged in order.
     pub outputs: BTreeMap<String, String>,
     pub outcome: BuildOutcome,
+    /// Every region a build of this ImageBuild created resources in (`status.regions`
+    /// plus the recorded and current specs'): where `artifactPolicy: Delete` looks.
+    pub regions: Vec<String>,
 }
 
-/// Why cleanup runs; a step may keep what is an artifact on success.
+/// How the build whose step is cleaned up ended; a step keeps what is an artifact
+/// when it succeeded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BuildOutcome {
+    /// Every step of the build succeeded: its images are artifacts, whatever
+    /// happened since (a spec change, a deletion, an operator that was down).
     Succeeded,
+    /// A step failed or was cancelled, or never ran.
     Failed,
-    /// The ImageBuild is being deleted, or a new generation superseded this build.
-    Abandoned,
+}
+
+impl BuildOutcome {
+    /// Decided from the recorded steps alone, never from the current generation or
+    /// a deletion: those can change after the build finished, the steps cannot.
+    pub fn of(steps: &[StepRecord]) -> BuildOutcome {
+        if !steps.is_empty()
+            && steps
+                .iter()
+                .all(|r| r.phase == crate::api::StepPhase::Succeeded)
+        {
+            BuildOutcome::Succeeded
+        } else {
+            BuildOutcome::Failed
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -82,6 +139,8 @@ pub struct StepOutput {
     pub outputs: BTreeMap<String, String>,
     pub resources: Vec<ResourceRecord>,
     pub artifacts: Vec<Artifact>,
+    /// Image IDs the step removed: dropped from `status.artifacts` if listed there.
+    pub removed_images: Vec<String>,
     pub message: Option<String>,
 }
 
@@ -133,7 +192,7 @@ pub trait RecordSink: Send + Sync {
         facts: Arc<BuildFacts>,
         step_index: usize,
         resource: ResourceRecord,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), RecordError>>;
 }
 
 pub type Plan = Vec<Arc<dyn Step>>;

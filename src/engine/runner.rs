@@ -46,7 +46,9 @@ pub struct Runner {
 
 pub enum Work {
     Run(Arc<dyn Step>, StepContext),
-    Cleanup(Arc<dyn Step>, CleanupContext),
+    /// A step's cleanup (or the removal of the build's artifacts), started no
+    /// earlier than the given delay: the backoff after failed attempts.
+    Cleanup(Arc<dyn Step>, CleanupContext, Duration),
 }
 
 impl Runner {
@@ -186,7 +188,7 @@ async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskR
         (TaskKind::Run, Work::Run(step, ctx)) => {
             tracing::info!(attempt = key.attempt, "step started");
             let started = Instant::now();
-            let mut fut: BoxFuture<'_, _> = step.run(&ctx);
+            let mut fut: BoxFuture<'_, _> = Box::pin(unpanicked(step.run(&ctx)));
             let out = tokio::select! {
                 r = &mut fut => r,
                 () = cancel.cancelled() => {
@@ -213,9 +215,8 @@ async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskR
             metrics::get().step_finished(ctx.facts.builder, step.kind(), result, started.elapsed());
             TaskResult::Run(out)
         }
-        (TaskKind::Cleanup, Work::Cleanup(step, ctx)) => {
-            if key.attempt > 1 {
-                let delay = backoff(key.attempt);
+        (TaskKind::Cleanup | TaskKind::RemoveArtifacts, Work::Cleanup(step, ctx, delay)) => {
+            if !delay.is_zero() {
                 tracing::info!(
                     attempt = key.attempt,
                     delay_ms = delay.as_millis() as u64,
@@ -227,7 +228,7 @@ async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskR
                 }
             }
             let out = tokio::select! {
-                r = step.cleanup(&ctx) => r,
+                r = unpanicked(step.cleanup(&ctx)) => r,
                 () = cancel.cancelled() => Err(StepError::Cancelled),
             };
             match &out {
@@ -242,8 +243,154 @@ async fn execute(key: &TaskKey, work: Work, cancel: &CancellationToken) -> TaskR
     }
 }
 
+/// A panic in a step (kiln's code or a dependency's) fails the step instead of
+/// killing its task silently: a task that never reports would leave the build
+/// Running, and its deletion waiting, for ever.
+async fn unpanicked<T>(
+    fut: impl std::future::Future<Output = Result<T, StepError>>,
+) -> Result<T, StepError> {
+    use futures::FutureExt as _;
+    match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tracing::error!(panic = %what, "step panicked");
+            Err(StepError::Failed(format!(
+                "internal error: the step panicked: {what}"
+            )))
+        }
+    }
+}
+
 /// Exponential backoff with a cap; cleanup must keep trying, but not hammer the API.
 pub fn backoff(attempt: u32) -> Duration {
     let exp = attempt.saturating_sub(1).min(8);
     Duration::from_millis(500u64 << exp).min(Duration::from_secs(120))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::api::ResourceRecord;
+    use crate::engine::{BuildFacts, RecordError, RecordSink, StepOutput};
+
+    struct Panics;
+
+    impl Step for Panics {
+        fn name(&self) -> &str {
+            "panics"
+        }
+
+        fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+            Box::pin(async move {
+                // Records once (through a sink that fails twice first), then panics.
+                ctx.record(ResourceRecord {
+                    kind: "Thing".into(),
+                    id: "t-1".into(),
+                    region: None,
+                    created: true,
+                })
+                .await?;
+                if std::hint::black_box(true) {
+                    panic!("index out of bounds: the len is 0 but the index is 3");
+                }
+                Ok(StepOutput::default())
+            })
+        }
+    }
+
+    /// Fails the first two writes as an overloaded apiserver would.
+    #[derive(Default)]
+    struct Flaky(AtomicU32);
+
+    impl RecordSink for Flaky {
+        fn record(
+            &self,
+            _facts: Arc<BuildFacts>,
+            _step_index: usize,
+            _resource: ResourceRecord,
+        ) -> BoxFuture<'static, Result<(), RecordError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n < 2 {
+                    Err(RecordError::Write("429 Too Many Requests".into()))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    fn context(runner: &Runner, sink: Arc<dyn RecordSink>) -> StepContext {
+        let spec: crate::api::ImageBuildSpec = serde_json::from_value(serde_json::json!({
+            "builder": {"null": {}},
+            "communicator": {"ssh": {"username": "u", "host": "h", "hostKey": {"insecureIgnore": true}}},
+        }))
+        .unwrap();
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        StepContext {
+            facts: Arc::new(BuildFacts {
+                name: "b".into(),
+                namespace: "ns".into(),
+                uid: "u-1".into(),
+                generation: 1,
+                builder: "null",
+            }),
+            spec: Arc::new(spec),
+            client: kube::Client::try_from(config).unwrap(),
+            cancel: runner.token(),
+            outputs: BTreeMap::new(),
+            recorded: Vec::new(),
+            step_name: "panics".into(),
+            sessions: Arc::default(),
+            sink,
+            step_index: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_step_fails_instead_of_running_for_ever() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let runner = Runner::new(tx);
+        let sink = Arc::new(Flaky::default());
+        let ctx = context(&runner, sink.clone());
+        let key = TaskKey {
+            generation: 1,
+            kind: TaskKind::Run,
+            index: 0,
+            step: 0,
+            attempt: 1,
+        };
+        let wake = WakeKey {
+            namespace: "ns".into(),
+            name: "b".into(),
+            uid: "u-1".into(),
+        };
+        runner.spawn(
+            wake,
+            key,
+            Work::Run(Arc::new(Panics), ctx),
+            tracing::Span::none(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the task reports")
+            .expect("a wake-up");
+        match runner.state("u-1") {
+            TaskState::Finished {
+                result: TaskResult::Run(Err(StepError::Failed(m))),
+                ..
+            } => assert!(m.contains("panicked"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Two refused writes were retried, not a failure of the step.
+        assert_eq!(sink.0.load(Ordering::SeqCst), 3);
+    }
 }

@@ -592,7 +592,9 @@ pub fn ebs_build(
         "credentials": {"secretRef": {"name": "aws"}},
         "sourceAMI": source_ami,
         "instanceType": "t3.micro",
-        "amiName": format!("{}-{name}-{{{{ build.timestamp }}}}", f.ns),
+        // The generation too: a spec change within the same second must not find
+        // the previous generation's image holding the name.
+        "amiName": format!("{}-{name}-{{{{ build.generation }}}}-{{{{ build.timestamp }}}}", f.ns),
         "pollInterval": "100ms",
         "waitTimeout": "2m",
     });
@@ -619,15 +621,41 @@ pub fn tag_filter(uid: &str) -> aws_sdk_ec2::types::Filter {
         .build()
 }
 
-/// Everything kiln may have made for the build `uid` and not removed: live instances
-/// by its tag, security groups and key pairs by their deterministic names in these
-/// regions, and its Secrets in `ns`. Each entry starts with the kind.
+/// Everything kiln may have made for the build `uid` and not removed, in these
+/// regions: live instances, volumes, images and snapshots by its tag, security
+/// groups and key pairs by their deterministic names, and its Secrets in `ns`.
+/// The images the ImageBuild lists as artifacts (if it still exists), and their
+/// snapshots, are not leaks. Each entry starts with the kind.
 pub async fn leaks(
     ec2: &Ec2Server,
     client: &Client,
     ns: &str,
     uid: &str,
     regions: &[&str],
+) -> Vec<String> {
+    let api: Api<ImageBuild> = Api::namespaced(client.clone(), ns);
+    let mut keep = Vec::new();
+    for ib in api.list(&Default::default()).await.unwrap() {
+        if ib.uid().as_deref() == Some(uid) {
+            keep.extend(
+                ib.status
+                    .iter()
+                    .flat_map(|s| s.artifacts.iter())
+                    .filter_map(|a| a.image_id.clone()),
+            );
+        }
+    }
+    leaks_keeping(ec2, client, ns, uid, regions, &keep).await
+}
+
+/// As [`leaks`], with the images that may remain (retained artifacts) given.
+pub async fn leaks_keeping(
+    ec2: &Ec2Server,
+    client: &Client,
+    ns: &str,
+    uid: &str,
+    regions: &[&str],
+    keep: &[String],
 ) -> Vec<String> {
     let mut leaks = Vec::new();
     for region in regions {
@@ -663,6 +691,54 @@ pub async fn leaks(
                     "key pair {} in {region}",
                     k.key_name().unwrap_or("?")
                 ));
+            }
+        }
+        let r = c
+            .describe_volumes()
+            .filters(tag_filter(uid))
+            .send()
+            .await
+            .unwrap();
+        for v in r.volumes() {
+            let state = v.state().map(|s| s.as_str()).unwrap_or("?");
+            if state != "deleted" {
+                leaks.push(format!(
+                    "volume {} {state} in {region}",
+                    v.volume_id().unwrap_or("?")
+                ));
+            }
+        }
+        let mut kept_snapshots = Vec::new();
+        let r = c
+            .describe_images()
+            .owners("self")
+            .filters(tag_filter(uid))
+            .send()
+            .await
+            .unwrap();
+        for i in r.images() {
+            let id = i.image_id().unwrap_or("?");
+            let snaps = i
+                .block_device_mappings()
+                .iter()
+                .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()).map(str::to_string));
+            if keep.iter().any(|k| k == id) {
+                kept_snapshots.extend(snaps);
+            } else {
+                leaks.push(format!("image {id} in {region}"));
+            }
+        }
+        let r = c
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(tag_filter(uid))
+            .send()
+            .await
+            .unwrap();
+        for snap in r.snapshots() {
+            let id = snap.snapshot_id().unwrap_or("?").to_string();
+            if !kept_snapshots.contains(&id) {
+                leaks.push(format!("snapshot {id} in {region}"));
             }
         }
     }

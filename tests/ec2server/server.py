@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import signal
 import sys
@@ -89,6 +90,11 @@ class ControlError(Exception):
         self.message = message
 
 
+def public_faults() -> list[dict[str, Any]]:
+    """The faults as the control API shows them (without their generators)."""
+    return [{k: v for k, v in f.items() if k != "rng"} for f in KILN.faults]
+
+
 # --------------------------------------------------------------------- state
 class Kiln:
     """All of the extension's mutable state. One per process."""
@@ -130,10 +136,14 @@ class Kiln:
                     continue
                 if f["remaining"] == 0:
                     continue
+                # A fault with a probability hits a matching call only when its own
+                # seeded generator says so: a chaos run is replayed by its seed.
+                if f["rng"] is not None and f["rng"].random() >= f["probability"]:
+                    continue
                 if f["remaining"] > 0:
                     f["remaining"] -= 1
                 f["hits"] += 1
-                hit = dict(f)
+                hit = {k: v for k, v in f.items() if k != "rng"}
                 self.faults = [x for x in self.faults if x["remaining"] != 0]
                 return hit
         return None
@@ -713,7 +723,7 @@ class KilnApp:
                 added = []
                 for spec in specs:
                     added.append(self._add_fault(spec))
-                return {"added": added, "faults": list(KILN.faults)}
+                return {"added": added, "faults": public_faults()}
             if method == "DELETE":
                 with KILN.lock:
                     n = len(KILN.faults)
@@ -721,7 +731,7 @@ class KilnApp:
                 return {"cleared": n}
             if method == "GET":
                 with KILN.lock:
-                    return {"faults": copy.deepcopy(KILN.faults)}
+                    return {"faults": public_faults()}
             raise ControlError(400, f"{method} not supported on /_kiln/faults")
 
         if route == "calls":
@@ -768,7 +778,8 @@ class KilnApp:
         if not isinstance(spec, dict):
             raise ControlError(400, "a fault is an object")
         unknown = set(spec) - {"action", "count", "code", "status", "message",
-                               "latency_ms", "region", "skip", "when"}
+                               "latency_ms", "region", "skip", "when", "probability",
+                               "seed"}
         if unknown:
             raise ControlError(400, f"unknown fault fields: {sorted(unknown)}")
         action = spec.get("action")
@@ -784,6 +795,12 @@ class KilnApp:
         if when == "after" and not code:
             raise ControlError(400, "\"when\": \"after\" needs a \"code\"")
         count = int(spec.get("count", 1))
+        probability = spec.get("probability")
+        if probability is not None:
+            probability = float(probability)
+            if not 0 < probability <= 1:
+                raise ControlError(400, "\"probability\" is in (0, 1]")
+        rng = random.Random(spec.get("seed")) if probability is not None else None
         with KILN.lock:
             KILN.fault_seq += 1
             f = {
@@ -798,10 +815,13 @@ class KilnApp:
                 "region": spec.get("region"),
                 "skip": int(spec.get("skip", 0)),
                 "when": when,
+                "probability": probability,
+                "seed": spec.get("seed"),
+                "rng": rng,
                 "hits": 0,
             }
             KILN.faults.append(f)
-        return f
+        return {k: v for k, v in f.items() if k != "rng"}
 
     # -- AWS requests
     def aws(self, environ: dict[str, Any], start_response: Any) -> Any:

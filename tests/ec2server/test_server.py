@@ -368,6 +368,31 @@ def test_wildcard_latency_and_clear(endpoint, ec2):
     ec2.describe_vpcs()
 
 
+def test_fault_probability_is_replayable_by_seed(endpoint, client):
+    ec2 = client(retries=1)
+
+    def run(seed):
+        ctl(endpoint, "DELETE", "/_kiln/faults")
+        ctl(endpoint, "POST", "/_kiln/faults", {"action": "DescribeVpcs", "code": "InvalidVpcID.Malformed",
+                                                "count": 0, "probability": 0.5, "seed": seed})
+        hits = []
+        for _ in range(40):
+            try:
+                ec2.describe_vpcs()
+                hits.append(0)
+            except ClientError:
+                hits.append(1)
+        return hits
+
+    a, b, c = run(11), run(11), run(12)
+    assert a == b, "the same seed gives the same hits"
+    assert a != c
+    assert 5 < sum(a) < 35
+    assert ctl(endpoint, "GET", "/_kiln/faults")[1]["faults"][0]["probability"] == 0.5
+    assert ctl(endpoint, "POST", "/_kiln/faults", {"action": "X", "code": "Y", "probability": 0})[0] == 400
+    ctl(endpoint, "DELETE", "/_kiln/faults")
+
+
 def test_fault_validation(endpoint):
     assert ctl(endpoint, "POST", "/_kiln/faults", {"action": "X"})[0] == 400
     assert ctl(endpoint, "POST", "/_kiln/faults", {"code": "X"})[0] == 400

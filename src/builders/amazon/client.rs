@@ -53,6 +53,15 @@ impl AwsError {
         }
     }
 
+    /// A reply without what a successful call must return.
+    pub fn empty(action: &'static str, what: &str) -> Self {
+        AwsError {
+            action,
+            code: "EmptyReply".into(),
+            message: format!("the reply has {what}"),
+        }
+    }
+
     pub fn is_not_found(&self) -> bool {
         self.code.ends_with(".NotFound") || self.code == "InvalidAMIID.Unavailable"
     }
@@ -113,7 +122,13 @@ impl Ec2 {
                 field,
             )
             .await
-            .map_err(|e| StepError::Failed(e.to_string()))?
+            .map_err(|e| match e {
+                // Cleanup retries this; say what unblocks it.
+                refs::RefError::NotFound { .. } => StepError::Failed(format!(
+                    "{e}: kiln needs it to create and to remove this build's cloud resources; recreate it (while a build has anything to clean up, kiln holds it with the finalizer kiln.dev/cleanup-<uid>)"
+                )),
+                other => StepError::Failed(other.to_string()),
+            })?
             .into_iter();
             let mut required = |key: &str| {
                 values.next().flatten().ok_or_else(|| {

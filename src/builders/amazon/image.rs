@@ -1,6 +1,7 @@
 //! Capturing the image: optional replacement of a same-named AMI, CreateImage,
 //! copies to other regions, and the optional manifest ConfigMap. Images are
-//! artifacts: cleanup removes them only when the build did not succeed.
+//! artifacts: cleanup removes them only when a step of the build did not succeed,
+//! and `artifactPolicy: Delete` removes every one on deletion.
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -111,18 +112,6 @@ async fn tag(ec2: &Ec2, ids: &[String], t: &[aws_sdk_ec2::types::Tag]) -> Result
     Ok(())
 }
 
-/// This build's image of that name in `ec2`'s region, made by an earlier attempt.
-async fn ours_named(
-    ec2: &Ec2,
-    name: &str,
-    facts: &BuildFacts,
-) -> Result<Option<String>, StepError> {
-    let found = find_by_name(ec2, name, facts)
-        .await
-        .map_err(AwsError::fail)?;
-    Ok(found.into_iter().find(|f| f.ours).map(|f| f.id))
-}
-
 /// Records the new image before waiting on it, waits until it is available, then
 /// records and tags its snapshots and describes the artifact.
 async fn capture(
@@ -170,8 +159,137 @@ async fn capture(
     Ok(o)
 }
 
-/// Removes this build's images (recorded, or found by name and our tag) and their
-/// snapshots, unless the build succeeded: then they are the artifact.
+/// Images and snapshots to remove in one region.
+#[derive(Default)]
+struct Doomed {
+    images: Vec<String>,
+    snapshots: Vec<String>,
+}
+
+impl Doomed {
+    fn add_image(&mut self, id: &str) {
+        if !self.images.iter().any(|i| i == id) {
+            self.images.push(id.to_string());
+        }
+    }
+
+    fn add_snapshot(&mut self, id: &str) {
+        if !self.snapshots.iter().any(|s| s == id) {
+            self.snapshots.push(id.to_string());
+        }
+    }
+
+    /// What the record names in `region` (a record without a region is the build
+    /// region's, as older kilns wrote them).
+    fn recorded(record: &crate::api::StepRecord, region: &str, build_region: &str) -> Doomed {
+        let mut d = Doomed::default();
+        for r in record.resources.iter().filter(|r| r.created) {
+            if r.region.as_deref().unwrap_or(build_region) != region {
+                continue;
+            }
+            match r.kind.as_str() {
+                "Image" => d.add_image(&r.id),
+                "Snapshot" => d.add_snapshot(&r.id),
+                _ => {}
+            }
+        }
+        d
+    }
+
+    /// Adds this build's images and snapshots that carry kiln's tags in `ec2`'s
+    /// region: of one generation, or of every generation with `None`. Snapshots are
+    /// tagged at creation, so one whose image is gone (deregistered by an earlier
+    /// attempt, or never available) is still found.
+    async fn find_tagged(
+        &mut self,
+        ec2: &Ec2,
+        facts: &BuildFacts,
+        generation: Option<i64>,
+    ) -> Result<(), AwsError> {
+        let mut filters = vec![filter(&format!("tag:{BUILD_UID_TAG}"), facts.uid.clone())];
+        if let Some(g) = generation {
+            filters.push(filter("tag:kiln.dev/generation", g.to_string()));
+        }
+        let images = ec2
+            .client
+            .describe_images()
+            .owners("self")
+            .set_filters(Some(filters.clone()))
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DescribeImages", e))?;
+        for i in images.images() {
+            if let Some(id) = i.image_id() {
+                self.add_image(id);
+            }
+            for s in snapshots_of(i) {
+                self.add_snapshot(&s);
+            }
+        }
+        let mut pages = ec2
+            .client
+            .describe_snapshots()
+            .owner_ids("self")
+            .set_filters(Some(filters))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| AwsError::from_sdk("DescribeSnapshots", e))?;
+            for s in page.snapshots() {
+                if let Some(id) = s.snapshot_id() {
+                    self.add_snapshot(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deregisters the images, then deletes the snapshots. Any failure fails the
+    /// attempt, to be retried: a snapshot refused as `InvalidSnapshot.InUse` right
+    /// after its image was deregistered is found again by its tag next time.
+    async fn remove(mut self, ec2: &Ec2) -> Result<Vec<String>, StepError> {
+        for id in self.images.clone() {
+            // An image lists its snapshots; look them up before it is gone.
+            let r = ec2
+                .client
+                .describe_images()
+                .image_ids(&id)
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("DescribeImages", e));
+            match r {
+                Ok(r) => {
+                    for i in r.images() {
+                        for s in snapshots_of(i) {
+                            self.add_snapshot(&s);
+                        }
+                    }
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.retry()),
+            }
+            if let Err(e) = ec2.client.deregister_image().image_id(&id).send().await {
+                let e = AwsError::from_sdk("DeregisterImage", e);
+                if !e.is_not_found() {
+                    return Err(e.retry());
+                }
+            }
+        }
+        for s in &self.snapshots {
+            if let Err(e) = ec2.client.delete_snapshot().snapshot_id(s).send().await {
+                let e = AwsError::from_sdk("DeleteSnapshot", e);
+                if !e.is_not_found() {
+                    return Err(e.retry());
+                }
+            }
+        }
+        Ok(self.images)
+    }
+}
+
+/// Removes the images (recorded, or found by kiln's tags) and snapshots of this
+/// build's generation in `region`, unless every step of the build succeeded: then
+/// they are the artifact, whatever happened after (see [`BuildOutcome::of`]).
 fn remove_images<'a>(
     ctx: &'a CleanupContext,
     region: &'a str,
@@ -182,53 +300,119 @@ fn remove_images<'a>(
         }
         let ebs = ebs(&ctx.spec)?;
         let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, region).await?;
-        let mut images: Vec<String> = Vec::new();
-        let mut snapshots: Vec<String> = Vec::new();
-        for r in ctx.record.resources.iter().filter(|r| r.created) {
-            match r.kind.as_str() {
-                "Image" => images.push(r.id.clone()),
-                "Snapshot" => snapshots.push(r.id.clone()),
-                _ => {}
-            }
-        }
-        if let Some(name) = ctx.outputs.get(out::AMI_NAME) {
-            for f in find_by_name(&ec2, name, &ctx.facts)
-                .await
-                .map_err(AwsError::retry)?
-            {
-                if f.ours && !images.contains(&f.id) {
-                    images.push(f.id);
-                }
-            }
-        }
-        for id in &images {
-            // Snapshots are only known once the image exists: look them up first.
-            if let Ok(r) = ec2.client.describe_images().image_ids(id).send().await {
-                for i in r.images() {
-                    for s in snapshots_of(i) {
-                        if !snapshots.contains(&s) {
-                            snapshots.push(s);
-                        }
-                    }
-                }
-            }
-            if let Err(e) = ec2.client.deregister_image().image_id(id).send().await {
-                let e = AwsError::from_sdk("DeregisterImage", e);
-                if !e.is_not_found() {
-                    return Err(e.retry());
-                }
-            }
-        }
-        for s in &snapshots {
-            if let Err(e) = ec2.client.delete_snapshot().snapshot_id(s).send().await {
-                let e = AwsError::from_sdk("DeleteSnapshot", e);
-                if !e.is_not_found() {
-                    return Err(e.retry());
-                }
-            }
-        }
+        let mut doomed = Doomed::recorded(&ctx.record, region, &ebs.region);
+        doomed
+            .find_tagged(&ec2, &ctx.facts, Some(ctx.facts.generation))
+            .await
+            .map_err(AwsError::retry)?;
+        doomed.remove(&ec2).await?;
         Ok(())
     })
+}
+
+/// `artifactPolicy: Delete`: on deletion of the ImageBuild, every image of every
+/// generation (found by kiln's `kiln.dev/build-uid` tag, plus those the artifact
+/// history records) and their snapshots, in every region the ImageBuild used.
+pub struct RemoveArtifacts;
+
+impl Step for RemoveArtifacts {
+    fn name(&self) -> &str {
+        "remove-artifacts"
+    }
+
+    fn run<'a>(&'a self, _ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async {
+            Err(StepError::Failed(
+                "internal error: remove-artifacts only cleans up".into(),
+            ))
+        })
+    }
+
+    fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let ebs = ebs(&ctx.spec)?;
+            let mut removed = Vec::new();
+            for region in &ctx.regions {
+                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, region).await?;
+                let mut doomed = Doomed::recorded(&ctx.record, region, &ebs.region);
+                doomed
+                    .find_tagged(&ec2, &ctx.facts, None)
+                    .await
+                    .map_err(AwsError::retry)?;
+                for id in doomed.remove(&ec2).await? {
+                    removed.push(format!("{id} in {region}"));
+                }
+            }
+            tracing::info!(removed = %removed.join(", "), "removed the ImageBuild's images (artifactPolicy: Delete)");
+            Ok(())
+        })
+    }
+}
+
+/// What an image name in this account and region belongs to.
+enum Named {
+    Ours(String),
+    /// Not this build's (no `kiln.dev/build-uid` tag with its uid): never adopted.
+    Foreign(String),
+    Free,
+}
+
+async fn named(ec2: &Ec2, name: &str, facts: &BuildFacts) -> Result<Named, StepError> {
+    let found = find_by_name(ec2, name, facts)
+        .await
+        .map_err(AwsError::fail)?;
+    Ok(match found.iter().find(|f| f.ours) {
+        Some(f) => Named::Ours(f.id.clone()),
+        None => match found.into_iter().next() {
+            Some(f) => Named::Foreign(f.id),
+            None => Named::Free,
+        },
+    })
+}
+
+fn foreign_image(name: &str, id: &str, region: &str, facts: &BuildFacts) -> StepError {
+    StepError::Failed(format!(
+        "spec.builder.amazonEBS.amiName: an AMI named {name:?} already exists in {region} ({id}) and is not this build's (it has no {BUILD_UID_TAG}={} tag); kiln neither adopts nor replaces it: choose another amiName",
+        facts.uid
+    ))
+}
+
+/// This build's image of that name, or a failure naming whoever holds the name.
+/// Creates it with `create` when the name is free; a create whose reply was lost
+/// (the call took effect, then a 5xx, and the SDK's retry met
+/// `InvalidAMIName.Duplicate`) finds the image it made by name and tag.
+async fn ensure_image<F, Fut>(
+    ec2: &Ec2,
+    name: &str,
+    facts: &BuildFacts,
+    create: F,
+) -> Result<String, StepError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<String, AwsError>>,
+{
+    match named(ec2, name, facts).await? {
+        Named::Ours(id) => return Ok(id),
+        Named::Foreign(id) => return Err(foreign_image(name, &id, &ec2.region, facts)),
+        Named::Free => {}
+    }
+    let e = match create().await {
+        Ok(id) => return Ok(id),
+        Err(e) if e.is("InvalidAMIName.Duplicate") => e,
+        Err(e) => return Err(e.fail()),
+    };
+    // DescribeImages may not show a new image for a moment.
+    for _ in 0..10 {
+        match named(ec2, name, facts).await? {
+            Named::Ours(id) => {
+                tracing::info!(image = %id, "a create whose reply was lost made this build's image; using it");
+                return Ok(id);
+            }
+            Named::Foreign(id) => return Err(foreign_image(name, &id, &ec2.region, facts)),
+            Named::Free => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
+    Err(e.fail())
 }
 
 pub struct CreateImage;
@@ -245,36 +429,32 @@ impl Step for CreateImage {
             let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
             let instance = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
-            let id = match ours_named(&ec2, &name, &ctx.facts).await? {
-                Some(id) => id,
-                None => {
-                    let mut req = ec2
-                        .client
-                        .create_image()
-                        .instance_id(&instance)
-                        .name(&name)
-                        .tag_specifications(tag_spec(
-                            aws_sdk_ec2::types::ResourceType::Image,
-                            &tags(&ctx.facts, &ebs.tags),
-                        ))
-                        .tag_specifications(tag_spec(
-                            aws_sdk_ec2::types::ResourceType::Snapshot,
-                            &tags(&ctx.facts, &ebs.snapshot_tags),
-                        ));
-                    if let Some(d) = &ebs.ami_description {
-                        req = req.description(d);
-                    }
-                    let r = req
-                        .send()
-                        .await
-                        .map_err(|e| AwsError::from_sdk("CreateImage", e).fail())?;
-                    r.image_id()
-                        .ok_or_else(|| {
-                            StepError::Failed("CreateImage returned no image ID".into())
-                        })?
-                        .to_string()
+            let id = ensure_image(&ec2, &name, &ctx.facts, || async {
+                let mut req = ec2
+                    .client
+                    .create_image()
+                    .instance_id(&instance)
+                    .name(&name)
+                    .tag_specifications(tag_spec(
+                        aws_sdk_ec2::types::ResourceType::Image,
+                        &tags(&ctx.facts, &ebs.tags),
+                    ))
+                    .tag_specifications(tag_spec(
+                        aws_sdk_ec2::types::ResourceType::Snapshot,
+                        &tags(&ctx.facts, &ebs.snapshot_tags),
+                    ));
+                if let Some(d) = &ebs.ami_description {
+                    req = req.description(d);
                 }
-            };
+                let r = req
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::from_sdk("CreateImage", e))?;
+                r.image_id()
+                    .map(str::to_string)
+                    .ok_or_else(|| AwsError::empty("CreateImage", "no image ID"))
+            })
+            .await?;
             let mut o = capture(ctx, &ec2, &w, &id).await?;
             o.outputs.insert(out::IMAGE_ID.into(), id);
             Ok(o)
@@ -314,42 +494,46 @@ impl Step for CopyImage {
             let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
             let source = output(&ctx.outputs, out::IMAGE_ID)?.clone();
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &self.region).await?;
-            let id = match ours_named(&ec2, &name, &ctx.facts).await? {
-                Some(id) => id,
-                None => {
-                    let mut req = ec2
-                        .client
-                        .copy_image()
-                        .source_image_id(&source)
-                        .source_region(&ebs.region)
-                        .name(&name)
-                        .client_token(client_token(
-                            &ctx.facts.uid,
-                            ctx.facts.generation,
-                            &format!("copy-{}", self.region),
-                        ))
-                        .tag_specifications(tag_spec(
-                            aws_sdk_ec2::types::ResourceType::Image,
-                            &tags(&ctx.facts, &ebs.tags),
-                        ));
-                    if let Some(d) = &ebs.ami_description {
-                        req = req.description(d);
-                    }
-                    if ebs.encrypt_boot || ebs.kms_key_id.is_some() {
-                        req = req.encrypted(true);
-                    }
-                    if let Some(k) = &ebs.kms_key_id {
-                        req = req.kms_key_id(k);
-                    }
-                    let r = req
-                        .send()
-                        .await
-                        .map_err(|e| AwsError::from_sdk("CopyImage", e).fail())?;
-                    r.image_id()
-                        .ok_or_else(|| StepError::Failed("CopyImage returned no image ID".into()))?
-                        .to_string()
+            let id = ensure_image(&ec2, &name, &ctx.facts, || async {
+                let mut req = ec2
+                    .client
+                    .copy_image()
+                    .source_image_id(&source)
+                    .source_region(&ebs.region)
+                    .name(&name)
+                    .client_token(client_token(
+                        &ctx.facts.uid,
+                        ctx.facts.generation,
+                        &format!("copy-{}", self.region),
+                    ))
+                    .tag_specifications(tag_spec(
+                        aws_sdk_ec2::types::ResourceType::Image,
+                        &tags(&ctx.facts, &ebs.tags),
+                    ))
+                    // Tagged at creation, so cleanup finds the copy's snapshot even
+                    // when the copy never became available.
+                    .tag_specifications(tag_spec(
+                        aws_sdk_ec2::types::ResourceType::Snapshot,
+                        &tags(&ctx.facts, &ebs.snapshot_tags),
+                    ));
+                if let Some(d) = &ebs.ami_description {
+                    req = req.description(d);
                 }
-            };
+                if ebs.encrypt_boot || ebs.kms_key_id.is_some() {
+                    req = req.encrypted(true);
+                }
+                if let Some(k) = &ebs.kms_key_id {
+                    req = req.kms_key_id(k);
+                }
+                let r = req
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::from_sdk("CopyImage", e))?;
+                r.image_id()
+                    .map(str::to_string)
+                    .ok_or_else(|| AwsError::empty("CopyImage", "no image ID"))
+            })
+            .await?;
             capture(ctx, &ec2, &w, &id).await
         })
     }
@@ -410,6 +594,7 @@ impl Step for DeregisterExisting {
                         region: Some(region.clone()),
                         created: false,
                     });
+                    o.removed_images.push(f.id.clone());
                     removed.push(format!("{} in {region}", f.id));
                 }
             }

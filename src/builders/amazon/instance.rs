@@ -5,7 +5,8 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 
 use super::{
-    AwsError, Ec2, client_token, ebs, filter, out, output, tag_spec, tags, wait_for, waits,
+    AwsError, Ec2, cleanup_waits, client_token, ebs, filter, out, output, tag_spec, tags, wait_for,
+    waits,
 };
 use crate::api::{BUILD_UID_TAG, ResourceRecord, SshInterface};
 use crate::engine::{BuildFacts, CleanupContext, Step, StepContext, StepError, StepOutput};
@@ -145,7 +146,7 @@ impl Step for RunInstance {
     fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;
-            let w = waits(ebs)?;
+            let w = cleanup_waits(ebs);
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
             let mut ids: Vec<String> = ctx
                 .record
@@ -164,7 +165,7 @@ impl Step for RunInstance {
                 }
             }
             if ids.is_empty() {
-                return Ok(());
+                return delete_volumes(&ec2, &ctx.facts).await;
             }
             if let Err(e) = ec2
                 .client
@@ -211,12 +212,61 @@ impl Step for RunInstance {
             .map_err(|e| match e {
                 StepError::Failed(m) => StepError::Transient(m),
                 other => other,
-            })
+            })?;
+            delete_volumes(&ec2, &ctx.facts).await
         })
     }
 
     fn needs_cleanup(&self, _record: &crate::api::StepRecord) -> bool {
         true
+    }
+}
+
+/// Volumes of this build's generation that outlived its instance: those launched
+/// with `deleteOnTermination: false` (given in `blockDeviceMappings`, or by the
+/// source AMI's mapping). RunInstances tags them at launch, so they are found by tag.
+async fn delete_volumes(ec2: &Ec2, facts: &BuildFacts) -> Result<(), StepError> {
+    let mut pages = ec2
+        .client
+        .describe_volumes()
+        .filters(filter(&format!("tag:{BUILD_UID_TAG}"), facts.uid.clone()))
+        .filters(filter(
+            "tag:kiln.dev/generation",
+            facts.generation.to_string(),
+        ))
+        .into_paginator()
+        .send();
+    let mut busy = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| AwsError::from_sdk("DescribeVolumes", e).retry())?;
+        for v in page.volumes() {
+            let Some(id) = v.volume_id() else { continue };
+            use aws_sdk_ec2::types::VolumeState as S;
+            match v.state() {
+                Some(S::Deleting | S::Deleted) => {}
+                Some(S::Available) => {
+                    if let Err(e) = ec2.client.delete_volume().volume_id(id).send().await {
+                        let e = AwsError::from_sdk("DeleteVolume", e);
+                        if !e.is_not_found() {
+                            return Err(e.retry());
+                        }
+                    }
+                }
+                other => busy.push(format!(
+                    "{id} ({})",
+                    other.map_or("unknown", |s| s.as_str())
+                )),
+            }
+        }
+    }
+    if busy.is_empty() {
+        Ok(())
+    } else {
+        // Still attached or being created: the next attempt deletes them.
+        Err(StepError::Transient(format!(
+            "volumes of the build are not available for deletion yet: {}",
+            busy.join(", ")
+        )))
     }
 }
 

@@ -9,8 +9,8 @@ use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Resource};
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
-use super::{AwsError, Ec2, ebs, out, tag_spec, tags};
-use crate::api::{ImageBuild, ResourceRecord};
+use super::{AwsError, Ec2, ebs, ours, out, tag_spec, tags};
+use crate::api::{BUILD_UID_TAG, ImageBuild, ResourceRecord};
 use crate::engine::{BuildFacts, CleanupContext, Step, StepContext, StepError, StepOutput};
 use crate::provisioners::connect::{DEFAULT_PRIVATE_KEY_KEY, OUT_KEY_SECRET};
 
@@ -77,11 +77,18 @@ impl Step for KeyPairStep {
                 .await;
             match r {
                 Ok(_) => {}
-                // Our deterministic name: an earlier attempt imported it.
+                // Our deterministic name: an earlier attempt (or a call whose reply
+                // was lost) imported it, if it carries this build's tag.
                 Err(e) => {
                     let e = AwsError::from_sdk("ImportKeyPair", e);
                     if !e.is("InvalidKeyPair.Duplicate") {
                         return Err(e.fail());
+                    }
+                    if owner(&ec2, &name, facts).await.map_err(AwsError::fail)? == Owner::Other {
+                        return Err(StepError::Failed(format!(
+                            "key pair {name} in {} has kiln's name for this build but not its {BUILD_UID_TAG}={} tag: kiln neither uses nor deletes it; remove it",
+                            ebs.region, facts.uid
+                        )));
                     }
                 }
             }
@@ -105,6 +112,19 @@ impl Step for KeyPairStep {
                     "KeyPair" => {
                         let region = r.region.clone().unwrap_or_else(|| ebs.region.clone());
                         let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                        // The name is recorded before the import: a key pair of that
+                        // name without the build's tag is someone else's.
+                        match owner(&ec2, &r.id, &ctx.facts)
+                            .await
+                            .map_err(AwsError::retry)?
+                        {
+                            Owner::Us => {}
+                            Owner::Nobody => continue,
+                            Owner::Other => {
+                                tracing::warn!(key_pair = %r.id, "a key pair has this build's name but not its tag; leaving it alone");
+                                continue;
+                            }
+                        }
                         // DeleteKeyPair succeeds for a name that does not exist.
                         if let Err(e) = ec2.client.delete_key_pair().key_name(&r.id).send().await {
                             let e = AwsError::from_sdk("DeleteKeyPair", e);
@@ -133,6 +153,34 @@ impl Step for KeyPairStep {
             Ok(())
         })
     }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Owner {
+    Us,
+    Other,
+    Nobody,
+}
+
+/// Whose key pair of that name exists in `ec2`'s region.
+async fn owner(ec2: &Ec2, name: &str, facts: &BuildFacts) -> Result<Owner, AwsError> {
+    let r = ec2.client.describe_key_pairs().key_names(name).send().await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            let e = AwsError::from_sdk("DescribeKeyPairs", e);
+            return if e.is_not_found() {
+                Ok(Owner::Nobody)
+            } else {
+                Err(e)
+            };
+        }
+    };
+    Ok(match r.key_pairs().first() {
+        None => Owner::Nobody,
+        Some(k) if ours(k.tags(), facts) => Owner::Us,
+        Some(_) => Owner::Other,
+    })
 }
 
 /// Returns the public key (OpenSSH format) of the key in the build's Secret,

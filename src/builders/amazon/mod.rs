@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{AwsError, Ec2, http_client};
+pub use image::RemoveArtifacts;
 
 use super::{PlanError, provisioner_steps};
 use crate::api::{AmazonEbsBuilder, ImageBuildSpec, duration};
@@ -38,6 +39,20 @@ pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
     let Some(ebs) = &spec.builder.amazon_ebs else {
         return Err(PlanError::NoBuilder);
     };
+    // Refused before anything is created: a value the schema admits but kiln cannot
+    // use would otherwise fail after the instance is launched.
+    waits(ebs).map_err(|e| PlanError::Invalid(e.to_string()))?;
+    for (field, map) in [
+        ("tags", &ebs.tags),
+        ("runTags", &ebs.run_tags),
+        ("snapshotTags", &ebs.snapshot_tags),
+    ] {
+        if let Some(k) = map.keys().find(|k| reserved_tag(k)) {
+            return Err(PlanError::Invalid(format!(
+                "spec.builder.amazonEBS.{field}: {k:?} is reserved: tag keys starting with kiln.dev/ are kiln's own (cleanup finds resources by them), and aws: is AWS's"
+            )));
+        }
+    }
     let mut steps: Plan = vec![
         Arc::new(source::PreValidate),
         Arc::new(source::SourceImage),
@@ -91,6 +106,18 @@ pub fn output<'a>(
 pub struct Waits {
     pub timeout: Duration,
     pub poll: Duration,
+}
+
+/// The waits of a cleanup: never blocked by a value kiln cannot parse (the spec it
+/// ran with is recorded, so fixing the spec would not help); the defaults instead.
+pub fn cleanup_waits(ebs: &AmazonEbsBuilder) -> Waits {
+    waits(ebs).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "using the default waits for cleanup");
+        Waits {
+            timeout: Duration::from_secs(3600),
+            poll: Duration::from_secs(2),
+        }
+    })
 }
 
 pub fn waits(ebs: &AmazonEbsBuilder) -> Result<Waits, StepError> {
@@ -187,7 +214,22 @@ fn fnv(bytes: &[u8]) -> u128 {
     h
 }
 
-/// Tags every resource kiln creates carries, plus the user's.
+/// Tag keys users may not set: kiln finds its resources by `kiln.dev/*`, and EC2
+/// refuses `aws:*`.
+pub fn reserved_tag(key: &str) -> bool {
+    key.starts_with("kiln.dev/") || key.starts_with("aws:")
+}
+
+/// Whether these tags mark a resource as this build's.
+pub fn ours(tags: &[aws_sdk_ec2::types::Tag], facts: &crate::engine::BuildFacts) -> bool {
+    tags.iter().any(|t| {
+        t.key() == Some(crate::api::BUILD_UID_TAG) && t.value() == Some(facts.uid.as_str())
+    })
+}
+
+/// Tags every resource kiln creates carries, plus the user's (never in place of
+/// kiln's own: the schema and the plan refuse reserved keys, and they are skipped
+/// here for objects admitted before that rule).
 pub fn tags(
     facts: &crate::engine::BuildFacts,
     extra: &std::collections::BTreeMap<String, String>,
@@ -204,7 +246,9 @@ pub fn tags(
         ),
     ];
     for (k, v) in extra {
-        all.push((k.clone(), v.clone()));
+        if !reserved_tag(k) {
+            all.push((k.clone(), v.clone()));
+        }
     }
     all.into_iter()
         .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())

@@ -3,8 +3,8 @@
 
 use futures::future::BoxFuture;
 
-use super::{AwsError, Ec2, ebs, filter, out, tag_spec, tags};
-use crate::api::ResourceRecord;
+use super::{AwsError, Ec2, ebs, filter, ours, out, tag_spec, tags};
+use crate::api::{BUILD_UID_TAG, ResourceRecord};
 use crate::engine::{CleanupContext, Step, StepContext, StepError, StepOutput};
 
 pub struct SecurityGroupStep;
@@ -40,41 +40,42 @@ impl Step for SecurityGroupStep {
             let name = group_name(facts);
 
             // An earlier attempt may have created it before the operator stopped.
-            let existing = ec2
-                .client
-                .describe_security_groups()
-                .filters(filter("group-name", name.clone()))
-                .filters(filter("vpc-id", vpc.clone()))
-                .send()
-                .await
-                .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).fail())?;
-            let id = match existing
-                .security_groups()
-                .first()
-                .and_then(|g| g.group_id())
-            {
-                Some(id) => id.to_string(),
-                None => ec2
-                    .client
-                    .create_security_group()
-                    .group_name(&name)
-                    .description(format!(
-                        "kiln temporary group for {}/{}",
-                        facts.namespace, facts.name
-                    ))
-                    .vpc_id(&vpc)
-                    .tag_specifications(tag_spec(
-                        aws_sdk_ec2::types::ResourceType::SecurityGroup,
-                        &tags(facts, &Default::default()),
-                    ))
-                    .send()
-                    .await
-                    .map_err(|e| AwsError::from_sdk("CreateSecurityGroup", e).fail())?
-                    .group_id()
-                    .ok_or_else(|| {
-                        StepError::Failed("CreateSecurityGroup returned no group ID".into())
-                    })?
-                    .to_string(),
+            let id = match ours_named(&ec2, &name, &vpc, facts).await? {
+                Some(id) => id,
+                None => {
+                    let created = ec2
+                        .client
+                        .create_security_group()
+                        .group_name(&name)
+                        .description(format!(
+                            "kiln temporary group for {}/{}",
+                            facts.namespace, facts.name
+                        ))
+                        .vpc_id(&vpc)
+                        .tag_specifications(tag_spec(
+                            aws_sdk_ec2::types::ResourceType::SecurityGroup,
+                            &tags(facts, &Default::default()),
+                        ))
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::from_sdk("CreateSecurityGroup", e));
+                    match created {
+                        Ok(r) => r
+                            .group_id()
+                            .ok_or_else(|| {
+                                StepError::Failed("CreateSecurityGroup returned no group ID".into())
+                            })?
+                            .to_string(),
+                        // The create took effect but its reply was lost, and the
+                        // SDK's retry met the group it made.
+                        Err(e) if e.is("InvalidGroup.Duplicate") => {
+                            ours_named(&ec2, &name, &vpc, facts)
+                                .await?
+                                .ok_or_else(|| e.fail())?
+                        }
+                        Err(e) => return Err(e.fail()),
+                    }
+                }
             };
             ctx.record(ResourceRecord {
                 kind: "SecurityGroup".into(),
@@ -120,7 +121,8 @@ impl Step for SecurityGroupStep {
                 .filter(|r| r.created)
                 .map(|r| r.id.clone())
                 .collect();
-            // Created but not yet recorded when the operator stopped: found by name.
+            // Created but not yet recorded when the operator stopped: found by name,
+            // and only when it carries this build's tag.
             let found = ec2
                 .client
                 .describe_security_groups()
@@ -129,9 +131,12 @@ impl Step for SecurityGroupStep {
                 .await
                 .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).retry())?;
             for g in found.security_groups() {
-                if let Some(id) = g.group_id()
-                    && !ids.iter().any(|i| i == id)
-                {
+                let Some(id) = g.group_id() else { continue };
+                if !ours(g.tags(), &ctx.facts) {
+                    tracing::warn!(group = %id, "a security group has this build's name but not its tag; leaving it alone");
+                    continue;
+                }
+                if !ids.iter().any(|i| i == id) {
                     ids.push(id.to_string());
                 }
             }
@@ -159,6 +164,35 @@ impl Step for SecurityGroupStep {
     fn needs_cleanup(&self, record: &crate::api::StepRecord) -> bool {
         !record.resources.iter().any(|r| !r.created)
     }
+}
+
+/// This build's group of that name in `vpc`, if there is one. A group with the name
+/// but without the build's tag is someone else's: the step fails naming it.
+async fn ours_named(
+    ec2: &Ec2,
+    name: &str,
+    vpc: &str,
+    facts: &crate::engine::BuildFacts,
+) -> Result<Option<String>, StepError> {
+    let existing = ec2
+        .client
+        .describe_security_groups()
+        .filters(filter("group-name", name))
+        .filters(filter("vpc-id", vpc))
+        .send()
+        .await
+        .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).fail())?;
+    let Some(g) = existing.security_groups().first() else {
+        return Ok(None);
+    };
+    let id = g.group_id().unwrap_or_default();
+    if !ours(g.tags(), facts) {
+        return Err(StepError::Failed(format!(
+            "security group {name} ({id}) in {vpc} has kiln's name for this build but not its {BUILD_UID_TAG}={} tag: kiln neither uses nor deletes it; remove it or rename it",
+            facts.uid
+        )));
+    }
+    Ok(Some(id.to_string()))
 }
 
 pub fn group_name(facts: &crate::engine::BuildFacts) -> String {

@@ -46,6 +46,8 @@ fn decide_gen(
         generation,
         deleting,
         on_error,
+        delete_artifacts: false,
+        secrets: &[],
         builder: "null",
         spec: &spec(),
         plan: view(names()),
@@ -440,6 +442,8 @@ fn an_invalid_plan_fails_without_steps() {
         generation: 1,
         deleting: false,
         on_error: OnError::Cleanup,
+        delete_artifacts: false,
+        secrets: &[],
         builder: "amazon-ebs",
         spec: &spec(),
         plan: view(Err("spec.builder.amazonEBS: not available".into())),
@@ -518,6 +522,8 @@ fn decide2(i: Spec2<'_>) -> Decision {
         generation: 2,
         deleting: i.deleting,
         on_error: OnError::Cleanup,
+        delete_artifacts: false,
+        secrets: &[],
         builder: "null",
         spec: &spec2(),
         plan: i.plan,
@@ -773,6 +779,8 @@ fn a_recorded_step_this_kiln_cannot_run_fails_and_is_not_replaced_by_another() {
         generation: 1,
         deleting: false,
         on_error: OnError::Cleanup,
+        delete_artifacts: false,
+        secrets: &[],
         builder: "null",
         spec: &spec(),
         plan: view(plan.clone()),
@@ -790,4 +798,251 @@ fn a_recorded_step_this_kiln_cannot_run_fails_and_is_not_replaced_by_another() {
     );
     assert!(spawned(&d1).is_none(), "{:?}", d1.actions);
     assert_eq!(d1.status.phase, Some(BuildPhase::Failed));
+}
+
+fn image(id: &str, generation: i64) -> crate::api::Artifact {
+    crate::api::Artifact {
+        generation,
+        builder: "amazon-ebs".into(),
+        region: Some("us-east-1".into()),
+        image_id: Some(id.into()),
+        snapshot_ids: vec![format!("snap-{id}")],
+        source_image_id: None,
+        created_at: None,
+    }
+}
+
+fn with_policy(
+    status: &ImageBuildStatus,
+    task: &TaskState,
+    deleting: bool,
+    delete_artifacts: bool,
+    generation: i64,
+) -> Decision {
+    advance(&Input {
+        status,
+        generation,
+        deleting,
+        on_error: OnError::Cleanup,
+        delete_artifacts,
+        secrets: &[],
+        builder: "amazon-ebs",
+        spec: &spec(),
+        plan: view(names()),
+        recorded: view(names()),
+        task,
+        now: now(),
+    })
+}
+
+/// Runs every step to success; the last one makes an image and a resource to clean
+/// up, so the build stops in CleaningUp with its cleanup task spawned.
+fn run_to_success_cleanup() -> Decision {
+    let mut d = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    for i in 0..3 {
+        let mut out = StepOutput::default();
+        if i == 2 {
+            out.artifacts.push(image("ami-1", 1));
+            out.resources.push(ResourceRecord {
+                kind: "Instance".into(),
+                id: "i-1".into(),
+                region: Some("us-east-1".into()),
+                created: true,
+            });
+        }
+        d = decide(
+            &d.status,
+            &finished_run(&d, Ok(out)),
+            false,
+            OnError::Cleanup,
+        );
+    }
+    assert_eq!(d.status.phase, Some(BuildPhase::CleaningUp));
+    d
+}
+
+#[test]
+fn the_outcome_comes_from_the_recorded_steps_only() {
+    let d = run_to_success_cleanup();
+    assert_eq!(
+        crate::engine::BuildOutcome::of(&d.status.steps),
+        crate::engine::BuildOutcome::Succeeded
+    );
+    let failed = run_to_failure(OnError::Cleanup, true);
+    assert_eq!(
+        crate::engine::BuildOutcome::of(&failed.status.steps),
+        crate::engine::BuildOutcome::Failed
+    );
+    assert_eq!(
+        crate::engine::BuildOutcome::of(&[]),
+        crate::engine::BuildOutcome::Failed
+    );
+}
+
+#[test]
+fn images_become_artifacts_when_the_build_succeeds_even_if_superseded_during_cleanup() {
+    let d = run_to_success_cleanup();
+    // Not yet an artifact while the build is cleaning up: it is held on its step.
+    assert!(d.status.artifacts.is_empty());
+    assert_eq!(d.status.steps[2].artifacts.len(), 1);
+    // The spec changes while the successful build cleans up.
+    let key = spawned(&d).unwrap();
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Cleanup(Ok(())),
+    };
+    let d2 = decide_gen(&d.status, &t, false, OnError::Cleanup, 2);
+    assert_eq!(d2.status.artifacts, vec![image("ami-1", 1)]);
+    assert_eq!(
+        d2.status.observed_generation,
+        Some(2),
+        "the next build started"
+    );
+    let succeeded = d2.actions.iter().find_map(|a| match a {
+        Action::Event {
+            reason: "BuildSucceeded",
+            action,
+            note,
+            ..
+        } => Some((action.clone(), note.clone())),
+        _ => None,
+    });
+    let (action, note) = succeeded.expect("a BuildSucceeded event");
+    assert_eq!(action, "Build generation 1");
+    assert!(note.starts_with("generation 1 built"), "{note}");
+}
+
+#[test]
+fn a_failed_build_lists_no_artifact() {
+    let mut d = decide(
+        &ImageBuildStatus::default(),
+        &TaskState::None,
+        false,
+        OnError::Cleanup,
+    );
+    let mut out = StepOutput::default();
+    out.artifacts.push(image("ami-1", 1));
+    d = decide(
+        &d.status,
+        &finished_run(&d, Ok(out)),
+        false,
+        OnError::Cleanup,
+    );
+    d = decide(
+        &d.status,
+        &finished_run(&d, Err(StepError::Failed("copy failed".into()))),
+        false,
+        OnError::Cleanup,
+    );
+    assert_eq!(d.status.phase, Some(BuildPhase::Failed));
+    assert!(d.status.artifacts.is_empty());
+}
+
+#[test]
+fn an_image_a_step_removed_is_no_longer_an_artifact() {
+    let mut status = ImageBuildStatus {
+        artifacts: vec![image("ami-old", 1), image("ami-other", 1)],
+        ..Default::default()
+    };
+    let d = decide_gen(&status, &TaskState::None, false, OnError::Cleanup, 2);
+    status = d.status.clone();
+    let mut out = StepOutput::default();
+    out.removed_images.push("ami-old".into());
+    let d = decide_gen(
+        &status,
+        &finished_run(&d, Ok(out)),
+        false,
+        OnError::Cleanup,
+        2,
+    );
+    assert_eq!(d.status.artifacts, vec![image("ami-other", 1)]);
+}
+
+#[test]
+fn cleanup_backs_off_by_failures_not_by_restarts() {
+    let d = run_to_failure(OnError::Cleanup, true);
+    let key = spawned(&d).unwrap();
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Cleanup(Err(StepError::Transient("throttled".into()))),
+    };
+    let d2 = decide(&d.status, &t, false, OnError::Cleanup);
+    let rec = &d2.status.steps[0];
+    assert_eq!((rec.cleanup_failures, rec.cleanup_attempts), (1, 2));
+    let first_retry = rec.cleanup_retry_at.clone().expect("a retry time");
+    assert!(first_retry.0 > now());
+    // Nine operator restarts: each resumes the cleanup with a new attempt, none of
+    // which is a failure, so the recorded retry time does not move.
+    let mut s = d2.status.clone();
+    for _ in 0..9 {
+        s = decide(&s, &TaskState::None, false, OnError::Cleanup).status;
+    }
+    assert_eq!(s.steps[0].cleanup_failures, 1);
+    assert_eq!(s.steps[0].cleanup_retry_at, Some(first_retry));
+    assert_eq!(s.steps[0].cleanup_attempts, 11);
+}
+
+#[test]
+fn artifact_policy_delete_removes_every_image_before_the_finalizer_goes() {
+    let d = run_to_success_cleanup();
+    let key = spawned(&d).unwrap();
+    let t = TaskState::Finished {
+        key,
+        result: TaskResult::Cleanup(Ok(())),
+    };
+    let done = with_policy(&d.status, &t, false, true, 1);
+    assert_eq!(done.status.phase, Some(BuildPhase::Succeeded));
+    assert_eq!(done.status.artifacts.len(), 1);
+    assert_eq!(done.status.regions, vec!["us-east-1".to_string()]);
+
+    // Without the policy, deletion releases the finalizer at once.
+    let retain = with_policy(&done.status, &TaskState::None, true, false, 1);
+    assert!(retain.actions.contains(&Action::RemoveFinalizer));
+
+    let del = with_policy(&done.status, &TaskState::None, true, true, 1);
+    assert!(!del.actions.contains(&Action::RemoveFinalizer));
+    let key = spawned(&del).expect("a removal task");
+    assert_eq!((key.kind, key.attempt), (TaskKind::RemoveArtifacts, 1));
+
+    // A failed attempt is retried, backing off; the artifacts stay listed.
+    let failed = with_policy(
+        &del.status,
+        &TaskState::Finished {
+            key,
+            result: TaskResult::Cleanup(Err(StepError::Transient("InvalidSnapshot.InUse".into()))),
+        },
+        true,
+        true,
+        1,
+    );
+    let r = failed.status.artifact_removal.clone().unwrap();
+    assert_eq!((r.phase, r.failures), (CleanupPhase::Pending, 1));
+    assert!(r.retry_at.is_some());
+    assert_eq!(failed.status.artifacts.len(), 1);
+    let key = spawned(&failed).expect("a second attempt");
+    assert_eq!((key.kind, key.attempt), (TaskKind::RemoveArtifacts, 2));
+
+    let removed = with_policy(
+        &failed.status,
+        &TaskState::Finished {
+            key,
+            result: TaskResult::Cleanup(Ok(())),
+        },
+        true,
+        true,
+        1,
+    );
+    assert!(
+        removed.status.artifacts.is_empty(),
+        "never lists a removed image"
+    );
+    let r = removed.status.artifact_removal.clone().unwrap();
+    assert_eq!(r.phase, CleanupPhase::Done);
+    assert!(r.message.unwrap().contains("ami-1"));
+    assert!(removed.actions.contains(&Action::RemoveFinalizer));
 }
