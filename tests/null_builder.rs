@@ -351,6 +351,10 @@ async fn deleting_a_build_mid_step_stops_the_step_cleans_up_and_goes() {
     );
 }
 
+/// Sets `$p` to the sshd process that serves the script's connection: its nearest
+/// sshd ancestor (how many shells sit in between depends on which of them `exec`).
+const FIND_SSHD_SESSION: &str = r#"p=$$; while [ "$p" -gt 1 ]; do case "$(ps -o comm= -p "$p")" in sshd*) break ;; esac; p=$(ps -o ppid= -p "$p" | tr -d ' '); done; [ "$p" -gt 1 ]"#;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
     let f = Fixture::new("reboot").await;
@@ -358,9 +362,8 @@ async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
     let build = f.null_build(
         "reboot",
         json!([
-            // Killing our sshd session process (the parent of the login shell that
-            // runs the script) is what a reboot looks like from here.
-            {"shell": {"inline": [format!("touch {dir}/before"), "kill -9 $(ps -o ppid= -p $PPID)", "sleep 5"], "expectDisconnect": true}},
+            // Killing our sshd session process is what a reboot looks like from here.
+            {"shell": {"inline": [format!("touch {dir}/before"), FIND_SSHD_SESSION, "kill -9 $p", "sleep 5"], "expectDisconnect": true}},
             {"shell": {"inline": [format!("touch {dir}/after")]}},
         ]),
     );

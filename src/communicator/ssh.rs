@@ -1105,8 +1105,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
-/// Unique enough to tell concurrent commands apart; not a secret.
-fn unique_token() -> String {
+/// Unique enough to tell concurrent commands apart, and not guessable by
+/// another user of the build machine (it names private directories there).
+pub(crate) fn unique_token() -> String {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
