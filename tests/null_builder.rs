@@ -385,6 +385,74 @@ async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
     );
 }
 
+/// `sudo reboot` with systemd queues the reboot and exits 0; the connection drops a
+/// moment later. The next step must run on a new connection, made after the drop, not
+/// on the one that is about to die.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expect_disconnect_script_that_exits_0_before_the_drop_is_followed_by_a_new_connection()
+{
+    let f = Fixture::new("reboot0").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "reboot",
+        json!([
+            {"shell": {"inline": [
+                format!("touch {dir}/before"),
+                FIND_SSHD_SESSION,
+                format!("echo $p > {dir}/session-1"),
+                // The "reboot": the session dies 3 s after the script exited 0.
+                "(sleep 3; kill -9 $p) </dev/null >/dev/null 2>&1 &",
+            ], "expectDisconnect": true}},
+            // Longer than the 3 s: on the old connection it would be cut off.
+            {"shell": {"inline": [
+                FIND_SSHD_SESSION,
+                format!("echo $p > {dir}/session-2"),
+                "sleep 5",
+                format!("touch {dir}/after"),
+            ]}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let ib = wait_until(Duration::from_secs(90), "the build to end", || async {
+        let ib = f.api().get("reboot").await.unwrap();
+        matches!(
+            ib.status.as_ref().and_then(|s| s.phase),
+            Some(BuildPhase::Succeeded | BuildPhase::Failed)
+        )
+        .then_some(ib)
+    })
+    .await;
+    let st = ib.status.unwrap();
+    assert_eq!(
+        st.phase,
+        Some(BuildPhase::Succeeded),
+        "{:?}\n{}",
+        st.message,
+        tail(&f.operator.logs(), 40)
+    );
+    assert!(f.host_dir.join("before").exists());
+    assert!(f.host_dir.join("after").exists());
+    let first = read(&f.host_dir.join("session-1"));
+    let second = read(&f.host_dir.join("session-2"));
+    assert_ne!(
+        first, second,
+        "the second step ran on the first one's connection"
+    );
+    let msg = st.steps[1].message.as_deref().unwrap_or("");
+    assert!(
+        msg.contains("exited with code 0") && msg.contains("reconnected"),
+        "{:?}",
+        st.steps[1]
+    );
+    // connect's connection, then one made after the drop: none for a failed attempt.
+    assert_eq!(
+        f.operator.metric("kiln_ssh_connections_total").await,
+        2.0,
+        "{}",
+        tail(&f.operator.logs(), 40)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_the_operator_gracefully_and_the_next_one_resumes() {
     let mut f = Fixture::new("sigterm").await;

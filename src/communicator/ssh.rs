@@ -666,6 +666,19 @@ impl Session {
         matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(())))
     }
 
+    /// Waits up to `limit` for the connection to end (the server closed it, or
+    /// keepalives went unanswered); whether it did.
+    pub async fn closed_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.handle.is_closed() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
     /// Runs `command` through the remote user's shell without a pty,
     /// streaming output chunks to `on_output` as they arrive.
     pub async fn exec<F>(

@@ -16,12 +16,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::{build_facts, connect, shell_quote};
 use crate::api::ShellProvisioner;
-use crate::communicator::ssh::{OutputStream, Session, SshError, unique_token};
+use crate::communicator::ssh::{ExecResult, OutputStream, Session, SshError, unique_token};
 use crate::engine::{Step, StepContext, StepError, StepOutput};
 use crate::refs;
 
 const TAIL_LINES: usize = 20;
 const TAIL_BYTES: usize = 1500;
+/// How long an `expectDisconnect` script that exited gets for the connection to drop.
+/// A reboot drops it within seconds, when the session's processes are stopped.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(30);
+/// Pause between the drop and the first reconnect attempt.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(2);
 /// Bound for removing an attempt's directory.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -167,6 +172,11 @@ impl ShellStep {
             }
         };
         let last = tail.lock().unwrap_or_else(|p| p.into_inner()).render();
+        if self.spec.expect_disconnect
+            && let Some(how) = expected_disconnect(&result)
+        {
+            return self.reconnect(ctx, session, &attempt, &how).await;
+        }
         let outcome = match result {
             None => Err(StepError::Failed(format!(
                 "timed out after {}{}",
@@ -188,19 +198,6 @@ impl ShellStep {
                     last_lines(&last)
                 ))),
             },
-            Some(Err(SshError::Disconnected(_))) if self.spec.expect_disconnect => {
-                tracing::info!("connection dropped as expected; waiting to reconnect");
-                session.close().await;
-                // The host may still be going down; give it a moment before probing.
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let again = connect::open(ctx).await?;
-                attempt.remove(&again).await;
-                connect::keep(ctx, again);
-                return Ok(StepOutput {
-                    message: Some("disconnected as expected and reconnected".into()),
-                    ..Default::default()
-                });
-            }
             Some(Err(e)) => Err(connect::ssh_error(e)),
         };
         attempt.remove(&session).await;
@@ -215,6 +212,76 @@ impl ShellStep {
             message: Some("script exited with code 0".into()),
             ..Default::default()
         })
+    }
+
+    /// After an `expectDisconnect` script: the session is never kept, since the host
+    /// may be going down under it, and the next step gets a new connection.
+    async fn reconnect(
+        &self,
+        ctx: &StepContext,
+        session: Session,
+        attempt: &Attempt,
+        how: &str,
+    ) -> Result<StepOutput, StepError> {
+        // `sudo reboot` queues the reboot and exits 0 while sshd still answers: a new
+        // connection made now could reach the dying host. This connection dropping is
+        // the sign that the host is really going down.
+        let mut message = format!("{how}, disconnected as expected and reconnected");
+        if !session.is_closed() {
+            tracing::info!(
+                wait_s = DISCONNECT_WAIT.as_secs(),
+                "{how}; waiting for the connection to drop"
+            );
+            let dropped = tokio::select! {
+                d = session.closed_within(DISCONNECT_WAIT) => d,
+                () = ctx.cancel.cancelled() => {
+                    session.close().await;
+                    return Err(StepError::Cancelled);
+                }
+            };
+            if !dropped {
+                tracing::info!("the connection stayed up; connecting again all the same");
+                message = format!(
+                    "{how}; the connection stayed up for {}s, reconnected",
+                    DISCONNECT_WAIT.as_secs()
+                );
+            }
+        }
+        session.close().await;
+        tracing::info!("connection closed as expected; waiting to reconnect");
+        // Once our session is gone, sshd may still accept new ones for a moment while
+        // the host shuts down.
+        tokio::select! {
+            () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            () = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
+        }
+        // Not `connect::open`: whatever is kept for the build predates the disconnect.
+        let target = connect::target(ctx).await?;
+        let again = connect::connect(ctx, &target).await?;
+        // After a reboot /tmp is usually empty; otherwise the script is still there.
+        attempt.remove(&again).await;
+        connect::keep(ctx, again);
+        Ok(StepOutput {
+            message: Some(message),
+            ..Default::default()
+        })
+    }
+}
+
+/// How an `expectDisconnect` script ended, if that is the disconnect it announced:
+/// exit 0 (the reboot was queued), killed by a signal (the shutdown got to it first)
+/// or the connection dropped before any exit status.
+fn expected_disconnect(result: &Option<Result<ExecResult, SshError>>) -> Option<String> {
+    match result {
+        Some(Ok(ExecResult {
+            exit_code: Some(0), ..
+        })) => Some("script exited with code 0".into()),
+        Some(Ok(ExecResult {
+            exit_code: None,
+            exit_signal: Some(sig),
+        })) => Some(format!("script killed by signal {sig}")),
+        Some(Err(SshError::Disconnected(_))) => Some("connection dropped".into()),
+        _ => None,
     }
 }
 
@@ -470,6 +537,33 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_counts_as_the_expected_disconnect() {
+        let exit = |code| {
+            Some(Ok(ExecResult {
+                exit_code: Some(code),
+                exit_signal: None,
+            }))
+        };
+        let signal = Some(Ok(ExecResult {
+            exit_code: None,
+            exit_signal: Some("TERM".into()),
+        }));
+        assert!(expected_disconnect(&exit(0)).is_some());
+        assert!(expected_disconnect(&signal).is_some());
+        assert!(expected_disconnect(&Some(Err(SshError::Disconnected("x".into())))).is_some());
+        assert_eq!(expected_disconnect(&exit(1)), None);
+        assert_eq!(
+            expected_disconnect(&None),
+            None,
+            "a timeout is no disconnect"
+        );
+        assert_eq!(
+            expected_disconnect(&Some(Err(SshError::Protocol("x".into())))),
+            None
+        );
+    }
 
     /// PREPARE run here with `sh`, as sshd would run it on the build machine: the
     /// earlier attempt's process group is stopped, a process that merely got a PID an
