@@ -351,6 +351,10 @@ async fn deleting_a_build_mid_step_stops_the_step_cleans_up_and_goes() {
     );
 }
 
+/// Sets `$p` to the sshd process that serves the script's connection: its nearest
+/// sshd ancestor (how many shells sit in between depends on which of them `exec`).
+const FIND_SSHD_SESSION: &str = r#"p=$$; while [ "$p" -gt 1 ]; do case "$(ps -o comm= -p "$p")" in sshd*) break ;; esac; p=$(ps -o ppid= -p "$p" | tr -d ' '); done; [ "$p" -gt 1 ]"#;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
     let f = Fixture::new("reboot").await;
@@ -358,9 +362,8 @@ async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
     let build = f.null_build(
         "reboot",
         json!([
-            // Killing our sshd session process (the parent of the login shell that
-            // runs the script) is what a reboot looks like from here.
-            {"shell": {"inline": [format!("touch {dir}/before"), "kill -9 $(ps -o ppid= -p $PPID)", "sleep 5"], "expectDisconnect": true}},
+            // Killing our sshd session process is what a reboot looks like from here.
+            {"shell": {"inline": [format!("touch {dir}/before"), FIND_SSHD_SESSION, "kill -9 $p", "sleep 5"], "expectDisconnect": true}},
             {"shell": {"inline": [format!("touch {dir}/after")]}},
         ]),
     );
@@ -379,6 +382,74 @@ async fn a_command_that_drops_the_connection_is_followed_by_a_reconnect() {
             .contains("reconnected"),
         "{:?}",
         st.steps[1]
+    );
+}
+
+/// `sudo reboot` with systemd queues the reboot and exits 0; the connection drops a
+/// moment later. The next step must run on a new connection, made after the drop, not
+/// on the one that is about to die.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expect_disconnect_script_that_exits_0_before_the_drop_is_followed_by_a_new_connection()
+{
+    let f = Fixture::new("reboot0").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "reboot",
+        json!([
+            {"shell": {"inline": [
+                format!("touch {dir}/before"),
+                FIND_SSHD_SESSION,
+                format!("echo $p > {dir}/session-1"),
+                // The "reboot": the session dies 3 s after the script exited 0.
+                "(sleep 3; kill -9 $p) </dev/null >/dev/null 2>&1 &",
+            ], "expectDisconnect": true}},
+            // Longer than the 3 s: on the old connection it would be cut off.
+            {"shell": {"inline": [
+                FIND_SSHD_SESSION,
+                format!("echo $p > {dir}/session-2"),
+                "sleep 5",
+                format!("touch {dir}/after"),
+            ]}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let ib = wait_until(Duration::from_secs(90), "the build to end", || async {
+        let ib = f.api().get("reboot").await.unwrap();
+        matches!(
+            ib.status.as_ref().and_then(|s| s.phase),
+            Some(BuildPhase::Succeeded | BuildPhase::Failed)
+        )
+        .then_some(ib)
+    })
+    .await;
+    let st = ib.status.unwrap();
+    assert_eq!(
+        st.phase,
+        Some(BuildPhase::Succeeded),
+        "{:?}\n{}",
+        st.message,
+        tail(&f.operator.logs(), 40)
+    );
+    assert!(f.host_dir.join("before").exists());
+    assert!(f.host_dir.join("after").exists());
+    let first = read(&f.host_dir.join("session-1"));
+    let second = read(&f.host_dir.join("session-2"));
+    assert_ne!(
+        first, second,
+        "the second step ran on the first one's connection"
+    );
+    let msg = st.steps[1].message.as_deref().unwrap_or("");
+    assert!(
+        msg.contains("exited with code 0") && msg.contains("reconnected"),
+        "{:?}",
+        st.steps[1]
+    );
+    // connect's connection, then one made after the drop: none for a failed attempt.
+    assert_eq!(
+        f.operator.metric("kiln_ssh_connections_total").await,
+        2.0,
+        "{}",
+        tail(&f.operator.logs(), 40)
     );
 }
 

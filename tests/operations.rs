@@ -1,6 +1,6 @@
-//! Running kiln like an operator: /metrics, /healthz and /readyz during a build, and
-//! leader election between two replicas with a SIGKILLed leader, against the real
-//! apiserver and sshd.
+//! Running kiln like an operator: /metrics, /healthz and /readyz during a build, a shell
+//! step resumed after a SIGKILL, and leader election between two replicas with a
+//! SIGKILLed leader, against the real apiserver and sshd.
 
 mod common;
 
@@ -162,7 +162,8 @@ async fn leader_election_fails_over_to_the_standby() {
         "replica-a"
     );
 
-    // Three builds whose first provisioner is still running when the leader dies.
+    // Three builds whose first provisioner is still running when the leader dies, and
+    // still would be when the standby takes over (at most 7.5 s later).
     let names = ["one", "two", "three"];
     for name in names {
         let marker = fx.host_dir.join(format!("{name}-started"));
@@ -170,7 +171,7 @@ async fn leader_election_fails_over_to_the_standby() {
         let build = fx.null_build(
             name,
             json!([
-                {"shell": {"inline": [format!("touch {}; sleep 4; echo x >> {}", marker.display(), done.display())]}},
+                {"shell": {"inline": [format!("touch {}; sleep 12; echo x >> {}", marker.display(), done.display())]}},
                 {"shell": {"inline": ["true"]}},
             ]),
         );
@@ -225,6 +226,15 @@ async fn leader_election_fails_over_to_the_standby() {
         );
         let shell1 = steps.iter().find(|s| s.name == "shell-1").expect("shell-1");
         assert_eq!(shell1.attempts, 2, "{name}: resumed once by the new leader");
+        // The new leader stopped the old leader's run before its own: one ran to the end.
+        let done =
+            std::fs::read_to_string(fx.host_dir.join(format!("{name}-done"))).unwrap_or_default();
+        assert_eq!(
+            done.lines().count(),
+            1,
+            "{name}: the script ran to its end {} times",
+            done.lines().count()
+        );
     }
     assert!(b.metric(RECONCILES_OK).await > 0.0);
 
@@ -268,6 +278,97 @@ async fn leader_election_fails_over_to_the_standby() {
         "handover took {handover:?}, lease duration 6 s"
     );
     assert!(c.is_running());
+}
+
+/// Whether a process of this PID exists on this host (the test sshd's build machine).
+fn alive(pid: &str) -> bool {
+    std::path::Path::new("/proc").join(pid.trim()).exists()
+}
+
+/// SIGKILL leaves the operator no chance to stop the remote script, and sshd keeps a
+/// command without a pty running after its client is gone. The restarted operator
+/// resumes the step; the resumed run must stop the first one before it starts, so
+/// that the script runs to its end exactly once, and leave nothing of it behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_shell_step_stops_the_run_the_killed_operator_left() {
+    let mut fx = Fixture::new("resume-shell").await;
+    let dir = fx.host_dir.display().to_string();
+    // On a command line of the first run's processes, for pgrep; `; :` keeps that
+    // shell from exec'ing `sleep`.
+    let marker = format!("kiln-it-sleeper-{}", common::short_id());
+    let build = fx.null_build(
+        "once",
+        json!([{"shell": {"inline": [
+            format!("echo $$ >> {dir}/starts"),
+            format!("dirname \"$0\" >> {dir}/dirs"),
+            format!("stat -c %a \"$(dirname \"$0\")\" >> {dir}/modes"),
+            format!("sh -c 'sleep 10; :' {marker}"),
+            format!("echo $$ >> {dir}/dones"),
+        ]}}]),
+    );
+    fx.create(&build).await.expect("create");
+    let starts = fx.host_dir.join("starts");
+    let lines = |path: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let first = wait_until(
+        Duration::from_secs(30),
+        "the first run to start",
+        || async { lines(&starts).first().cloned() },
+    )
+    .await;
+    // Inside the sleep, before the operator dies.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fx.operator.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        alive(&first),
+        "the first run did not outlive the operator: the test shows nothing"
+    );
+
+    fx.restart_operator();
+    let second = wait_until(
+        Duration::from_secs(30),
+        "the resumed run to start",
+        || async { lines(&starts).get(1).cloned() },
+    )
+    .await;
+    assert!(
+        !alive(&first),
+        "the first run (pid {first}) still runs beside the resumed one ({second})"
+    );
+    let ib = fx
+        .wait_phase("once", BuildPhase::Succeeded, Duration::from_secs(60))
+        .await;
+    let steps = &ib.status.as_ref().expect("status").steps;
+    assert_eq!(steps[1].attempts, 2, "{:?}", steps[1]);
+    assert_eq!(lines(&starts), [first.clone(), second.clone()]);
+    assert_eq!(
+        lines(&fx.host_dir.join("dones")),
+        [second],
+        "the script ran to its end other than once, in the resumed run"
+    );
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &marker])
+        .output()
+        .expect("pgrep");
+    assert!(
+        left.stdout.is_empty(),
+        "processes of a run are left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    // Each run had a private directory of its own, and none is left.
+    let dirs = lines(&fx.host_dir.join("dirs"));
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    assert_ne!(dirs[0], dirs[1]);
+    assert_eq!(lines(&fx.host_dir.join("modes")), ["700", "700"]);
+    for d in &dirs {
+        assert!(!std::path::Path::new(d).exists(), "{d} is left");
+    }
 }
 
 /// A sole replica reports ready only once its controller has listed the ImageBuilds

@@ -666,6 +666,19 @@ impl Session {
         matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(())))
     }
 
+    /// Waits up to `limit` for the connection to end (the server closed it, or
+    /// keepalives went unanswered); whether it did.
+    pub async fn closed_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.handle.is_closed() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
     /// Runs `command` through the remote user's shell without a pty,
     /// streaming output chunks to `on_output` as they arrive.
     pub async fn exec<F>(
@@ -1105,8 +1118,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
-/// Unique enough to tell concurrent commands apart; not a secret.
-fn unique_token() -> String {
+/// Unique enough to tell concurrent commands apart, and not guessable by
+/// another user of the build machine (it names private directories there).
+pub(crate) fn unique_token() -> String {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -3,6 +3,8 @@
 //! Like Packer, the script is uploaded and executed rather than passed on the command
 //! line; environment values go into a separate 0600 file that the command sources,
 //! so secret values never appear in a process list, the operator's logs or status.
+//! Both live in a private directory per attempt (see [`Attempt`]), and an attempt
+//! first stops whatever an earlier one left running.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -10,14 +12,23 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use tokio_util::sync::CancellationToken;
+
 use super::{build_facts, connect, shell_quote};
 use crate::api::ShellProvisioner;
-use crate::communicator::ssh::{OutputStream, SshError};
+use crate::communicator::ssh::{ExecResult, OutputStream, Session, SshError, unique_token};
 use crate::engine::{Step, StepContext, StepError, StepOutput};
 use crate::refs;
 
 const TAIL_LINES: usize = 20;
 const TAIL_BYTES: usize = 1500;
+/// How long an `expectDisconnect` script that exited gets for the connection to drop.
+/// A reboot drops it within seconds, when the session's processes are stopped.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(30);
+/// Pause between the drop and the first reconnect attempt.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(2);
+/// Bound for removing an attempt's directory.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct ShellStep {
     pub name: String,
@@ -131,51 +142,12 @@ impl ShellStep {
             .map(|(k, v)| format!("export {k}={}\n", shell_quote(v)))
             .collect();
 
-        let base = format!(
-            "/tmp/kiln-{}-{}",
-            ctx.facts.uid.get(..8).unwrap_or(&ctx.facts.uid),
-            self.name
-        );
-        let script_path = format!("{base}.sh");
-        let env_path = format!("{base}.env");
+        let attempt = Attempt::new(&ctx.facts.uid, &self.name);
         let session = connect::open(ctx).await?;
-        // Written through stdin rather than SFTP: no sftp-server per file, and the
-        // files are private (umask 077) from the moment they exist.
-        let write = |path: &str, mode: &str| {
-            format!(
-                "umask 077 && cat > {p} && chmod {mode} {p}",
-                p = shell_quote(path)
-            )
-        };
-        let upload = async {
-            for (path, mode, body) in [
-                (&env_path, "600", &env_file),
-                (&script_path, "700", &script),
-            ] {
-                let r = session
-                    .exec_with_input(&write(path, mode), body.as_bytes(), |_, _| {}, &ctx.cancel)
-                    .await?;
-                if r.exit_code != Some(0) {
-                    return Err(crate::communicator::ssh::SshError::Sftp {
-                        path: path.clone(),
-                        detail: format!("writing it exited with {:?}", r.exit_code),
-                    });
-                }
-            }
-            Ok(())
-        };
-        if let Err(e) = upload.await {
+        if let Err(e) = attempt.prepare(&session, &env_file, &script, ctx).await {
             session.close().await;
-            return Err(connect::ssh_error(e));
+            return Err(e);
         }
-        let command = format!(
-            "sh -c {}",
-            shell_quote(&format!(
-                ". {env}; rm -f {env}; exec {script}",
-                env = shell_quote(&env_path),
-                script = shell_quote(&script_path)
-            ))
-        );
 
         let tail = Arc::new(Mutex::new(Tail::new(secrets)));
         let sink = tail.clone();
@@ -186,6 +158,7 @@ impl ShellStep {
             }
         };
         let token = ctx.cancel.child_token();
+        let command = attempt.run_command();
         let result = {
             let exec = session.exec(&command, on_output, &token);
             tokio::pin!(exec);
@@ -199,6 +172,11 @@ impl ShellStep {
             }
         };
         let last = tail.lock().unwrap_or_else(|p| p.into_inner()).render();
+        if self.spec.expect_disconnect
+            && let Some(how) = expected_disconnect(&result)
+        {
+            return self.reconnect(ctx, session, &attempt, &how).await;
+        }
         let outcome = match result {
             None => Err(StepError::Failed(format!(
                 "timed out after {}{}",
@@ -220,31 +198,9 @@ impl ShellStep {
                     last_lines(&last)
                 ))),
             },
-            Some(Err(SshError::Disconnected(_))) if self.spec.expect_disconnect => {
-                tracing::info!("connection dropped as expected; waiting to reconnect");
-                session.close().await;
-                // The host may still be going down; give it a moment before probing.
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let again = connect::open(ctx).await?;
-                connect::keep(ctx, again);
-                return Ok(StepOutput {
-                    message: Some("disconnected as expected and reconnected".into()),
-                    ..Default::default()
-                });
-            }
             Some(Err(e)) => Err(connect::ssh_error(e)),
         };
-        let _ = session
-            .exec(
-                &format!(
-                    "rm -f {} {}",
-                    shell_quote(&script_path),
-                    shell_quote(&env_path)
-                ),
-                |_, _| {},
-                &ctx.cancel,
-            )
-            .await;
+        attempt.remove(&session).await;
         match outcome {
             Ok(()) => connect::keep(ctx, session),
             Err(e) => {
@@ -257,7 +213,246 @@ impl ShellStep {
             ..Default::default()
         })
     }
+
+    /// After an `expectDisconnect` script: the session is never kept, since the host
+    /// may be going down under it, and the next step gets a new connection.
+    async fn reconnect(
+        &self,
+        ctx: &StepContext,
+        session: Session,
+        attempt: &Attempt,
+        how: &str,
+    ) -> Result<StepOutput, StepError> {
+        // `sudo reboot` queues the reboot and exits 0 while sshd still answers: a new
+        // connection made now could reach the dying host. This connection dropping is
+        // the sign that the host is really going down.
+        let mut message = format!("{how}, disconnected as expected and reconnected");
+        if !session.is_closed() {
+            tracing::info!(
+                wait_s = DISCONNECT_WAIT.as_secs(),
+                "{how}; waiting for the connection to drop"
+            );
+            let dropped = tokio::select! {
+                d = session.closed_within(DISCONNECT_WAIT) => d,
+                () = ctx.cancel.cancelled() => {
+                    session.close().await;
+                    return Err(StepError::Cancelled);
+                }
+            };
+            if !dropped {
+                tracing::info!("the connection stayed up; connecting again all the same");
+                message = format!(
+                    "{how}; the connection stayed up for {}s, reconnected",
+                    DISCONNECT_WAIT.as_secs()
+                );
+            }
+        }
+        session.close().await;
+        tracing::info!("connection closed as expected; waiting to reconnect");
+        // Once our session is gone, sshd may still accept new ones for a moment while
+        // the host shuts down.
+        tokio::select! {
+            () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            () = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
+        }
+        // Not `connect::open`: whatever is kept for the build predates the disconnect.
+        let target = connect::target(ctx).await?;
+        let again = connect::connect(ctx, &target).await?;
+        // After a reboot /tmp is usually empty; otherwise the script is still there.
+        attempt.remove(&again).await;
+        connect::keep(ctx, again);
+        Ok(StepOutput {
+            message: Some(message),
+            ..Default::default()
+        })
+    }
 }
+
+/// How an `expectDisconnect` script ended, if that is the disconnect it announced:
+/// exit 0 (the reboot was queued), killed by a signal (the shutdown got to it first)
+/// or the connection dropped before any exit status.
+fn expected_disconnect(result: &Option<Result<ExecResult, SshError>>) -> Option<String> {
+    match result {
+        Some(Ok(ExecResult {
+            exit_code: Some(0), ..
+        })) => Some("script exited with code 0".into()),
+        Some(Ok(ExecResult {
+            exit_code: None,
+            exit_signal: Some(sig),
+        })) => Some(format!("script killed by signal {sig}")),
+        Some(Err(SshError::Disconnected(_))) => Some("connection dropped".into()),
+        _ => None,
+    }
+}
+
+/// One run of the step on the build machine, in a directory of its own.
+///
+/// The operator can die (SIGKILL, OOM, lost node or lease) while the script runs, and
+/// sshd keeps a non-pty command running without its client, so the resumed step would
+/// run the script a second time beside the first. Each attempt therefore writes its
+/// process group to `pid` in its directory, and the next attempt stops every earlier
+/// one it finds before it starts. The directories are `/tmp/kiln-<build uid>-<step>.`
+/// plus a random suffix, made with `mkdir -m 700` (what `mktemp -d` does), so another
+/// user of the host can neither predict them nor plant files in them, and an earlier
+/// attempt's final `rm` only ever removes its own.
+struct Attempt {
+    /// What every attempt of this step of this build starts with.
+    prefix: String,
+    dir: String,
+}
+
+impl Attempt {
+    fn new(uid: &str, step: &str) -> Self {
+        let prefix = format!("/tmp/kiln-{uid}-{step}.");
+        let dir = format!("{prefix}{}", unique_token());
+        Attempt { prefix, dir }
+    }
+
+    /// Stops earlier attempts, makes this attempt's directory and writes the
+    /// environment file and the script into it.
+    #[tracing::instrument(skip_all, fields(dir = %self.dir))]
+    async fn prepare(
+        &self,
+        session: &Session,
+        env_file: &str,
+        script: &str,
+        ctx: &StepContext,
+    ) -> Result<(), StepError> {
+        let command = format!(
+            "sh -c {} kiln-prepare {} {} \"$$\"",
+            shell_quote(PREPARE),
+            shell_quote(&self.prefix),
+            shell_quote(&self.dir)
+        );
+        self.exec_checked(session, &command, env_file, ctx, "preparing")
+            .await?;
+        let script_path = format!("{}/script", self.dir);
+        let write = format!(
+            "umask 077 && cat > {p} && chmod 700 {p}",
+            p = shell_quote(&script_path)
+        );
+        self.exec_checked(session, &write, script, ctx, "writing the script")
+            .await
+    }
+
+    async fn exec_checked(
+        &self,
+        session: &Session,
+        command: &str,
+        input: &str,
+        ctx: &StepContext,
+        what: &str,
+    ) -> Result<(), StepError> {
+        let mut stderr = Vec::new();
+        let r = session
+            .exec_with_input(
+                command,
+                input.as_bytes(),
+                |stream, data| {
+                    if matches!(stream, OutputStream::Stderr) && stderr.len() < 4096 {
+                        stderr.extend_from_slice(data);
+                    }
+                },
+                &ctx.cancel,
+            )
+            .await
+            .map_err(connect::ssh_error)?;
+        let said = String::from_utf8_lossy(&stderr);
+        let said = said.trim();
+        if r.exit_code == Some(0) {
+            if !said.is_empty() {
+                tracing::info!("{said}");
+            }
+            return Ok(());
+        }
+        Err(StepError::Failed(match r.exit_code {
+            Some(EARLIER_ATTEMPT_STUCK) => format!(
+                "an earlier attempt of this step is still running on the build machine: {said}"
+            ),
+            _ => format!(
+                "{what} in {} on the build machine failed ({}){}",
+                self.dir,
+                r.exit_code
+                    .map_or_else(|| format!("{r:?}"), |c| format!("exit code {c}")),
+                if said.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {said}")
+                }
+            ),
+        }))
+    }
+
+    /// Records the process group, then sources and deletes the environment file and
+    /// executes the script. `exec` keeps one process, the group leader, from the login
+    /// shell to the script, and its command line names the directory throughout: that
+    /// is how a later attempt tells it from an unrelated process that got its PID.
+    fn run_command(&self) -> String {
+        format!(
+            "echo $$ > {pid} && exec sh -c {run} kiln-shell {dir}",
+            pid = shell_quote(&format!("{}/pid", self.dir)),
+            run = shell_quote(r#". "$1/env" && rm -f "$1/env" && exec "$1/script""#),
+            dir = shell_quote(&self.dir)
+        )
+    }
+
+    /// Best effort: a later attempt removes what is left, and the script alone (the
+    /// environment file is gone once sourced) holds no secrets.
+    async fn remove(&self, session: &Session) {
+        // Not the step's token: a cancelled step should still clean up.
+        let token = CancellationToken::new();
+        let command = format!("rm -rf -- {}", shell_quote(&self.dir));
+        let rm = session.exec(&command, |_, _| {}, &token);
+        match tokio::time::timeout(REMOVE_TIMEOUT, rm).await {
+            Ok(Ok(r)) if r.success() => {}
+            other => {
+                tracing::debug!(dir = %self.dir, result = ?other.map(|r| r.map(|r| r.exit_code)), "could not remove the attempt's directory")
+            }
+        }
+    }
+}
+
+/// Exit code of [`PREPARE`] when an earlier attempt survived SIGKILL.
+const EARLIER_ATTEMPT_STUCK: u32 = 3;
+
+/// Run as `sh -c PREPARE kiln-prepare <prefix> <dir> <our pgid>`, the environment
+/// file on stdin. An earlier attempt is a directory `<prefix>*` of ours (not a
+/// symlink, owned by us: nobody else can make one); its `pid` is its process group.
+/// That PID could since belong to another process: on Linux, a live leader must still
+/// name the directory on its command line; a gone leader's PID cannot be reused while
+/// its group has members, so a group that still answers is the attempt's. TERM, then
+/// KILL after 5 s; the step does not start while the group lives.
+const PREPARE: &str = r#"prefix=$1 dir=$2 self=$3
+ours() {
+	if [ -r /proc/self/cmdline ] && [ -e "/proc/$1" ]; then
+		tr '\000' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"
+		return
+	fi
+	kill -s 0 -- "-$1" 2>/dev/null
+}
+stop() {
+	kill -s TERM -- "-$1" 2>/dev/null || return 0
+	n=0
+	while kill -s 0 -- "-$1" 2>/dev/null; do
+		n=$((n + 1))
+		if [ "$n" -eq 50 ]; then kill -s KILL -- "-$1" 2>/dev/null; fi
+		if [ "$n" -gt 100 ]; then return 1; fi
+		sleep 0.1 2>/dev/null || sleep 1
+	done
+}
+for old in "$prefix"*; do
+	[ -d "$old" ] && [ ! -L "$old" ] && [ -O "$old" ] || continue
+	pid=$(cat "$old/pid" 2>/dev/null) || pid=
+	case $pid in ''|*[!0-9]*) pid=0 ;; esac
+	if [ "$pid" -gt 1 ] && [ "$pid" != "$self" ] && ours "$pid" "$old"; then
+		echo "stopped process group $pid of an earlier attempt ($old)" >&2
+		stop "$pid" || { echo "process group $pid ($old) is still there after SIGKILL" >&2; exit 3; }
+	fi
+	rm -rf -- "$old"
+done
+umask 077
+mkdir -m 700 -- "$dir" && cat > "$dir/env"
+"#;
 
 fn last_lines(tail: &str) -> String {
     if tail.is_empty() {
@@ -342,6 +537,107 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_counts_as_the_expected_disconnect() {
+        let exit = |code| {
+            Some(Ok(ExecResult {
+                exit_code: Some(code),
+                exit_signal: None,
+            }))
+        };
+        let signal = Some(Ok(ExecResult {
+            exit_code: None,
+            exit_signal: Some("TERM".into()),
+        }));
+        assert!(expected_disconnect(&exit(0)).is_some());
+        assert!(expected_disconnect(&signal).is_some());
+        assert!(expected_disconnect(&Some(Err(SshError::Disconnected("x".into())))).is_some());
+        assert_eq!(expected_disconnect(&exit(1)), None);
+        assert_eq!(
+            expected_disconnect(&None),
+            None,
+            "a timeout is no disconnect"
+        );
+        assert_eq!(
+            expected_disconnect(&Some(Err(SshError::Protocol("x".into())))),
+            None
+        );
+    }
+
+    /// PREPARE run here with `sh`, as sshd would run it on the build machine: the
+    /// earlier attempt's process group is stopped, a process that merely got a PID an
+    /// earlier attempt recorded is left alone, and the new directory is private.
+    #[test]
+    fn prepare_stops_earlier_attempts_and_only_them() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+
+        let base = std::env::temp_dir().join(format!("kiln-prepare-test-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let prefix = format!("{}/kiln-uid-shell-1.", base.display());
+        let group = |cmd: &mut Command| cmd.process_group(0).spawn().unwrap();
+
+        let earlier = format!("{prefix}earlier");
+        std::fs::create_dir(&earlier).unwrap();
+        // Its leader names its directory on the command line, as a real attempt's does.
+        let mut attempt = group(Command::new("sh").args(["-c", "sleep 30; :", &earlier]));
+        std::fs::write(format!("{earlier}/pid"), attempt.id().to_string()).unwrap();
+        // Reaped as soon as it ends, as sshd reaps its child: a zombie leader would
+        // keep the group answering.
+        let attempt_status = std::thread::spawn(move || attempt.wait().unwrap());
+
+        let reused = format!("{prefix}reused");
+        std::fs::create_dir(&reused).unwrap();
+        let mut stranger = group(Command::new("sleep").arg("30"));
+        std::fs::write(format!("{reused}/pid"), stranger.id().to_string()).unwrap();
+
+        let new = format!("{prefix}new");
+        let mut prep = Command::new("sh")
+            .args(["-c", PREPARE, "kiln-prepare", &prefix, &new, "1"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            prep.stdin
+                .take()
+                .unwrap()
+                .write_all(b"export A='1'\n")
+                .unwrap();
+        }
+        let out = prep.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let stranger_alive = stranger.try_wait().unwrap().is_none();
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+        let attempt_status = attempt_status.join().unwrap();
+        let env = std::fs::read_to_string(format!("{new}/env"));
+        let dir_mode = std::fs::metadata(&new).map(|m| m.permissions().mode() & 0o777);
+        let env_mode =
+            std::fs::metadata(format!("{new}/env")).map(|m| m.permissions().mode() & 0o777);
+        let left = [&earlier, &reused].map(|d| std::path::Path::new(d).exists());
+        std::fs::remove_dir_all(&base).unwrap();
+
+        assert!(out.status.success(), "{:?}: {stderr}", out.status);
+        assert!(stderr.contains("stopped process group"), "{stderr}");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            attempt_status.signal(),
+            Some(15),
+            "the earlier attempt got SIGTERM"
+        );
+        assert!(
+            stranger_alive,
+            "a process that is not the attempt was stopped"
+        );
+        assert_eq!(left, [false, false], "earlier directories are removed");
+        assert_eq!(env.unwrap(), "export A='1'\n");
+        assert_eq!(dir_mode.unwrap(), 0o700);
+        assert_eq!(env_mode.unwrap(), 0o600);
+    }
 
     #[test]
     fn tail_keeps_last_lines_and_redacts() {
