@@ -8,7 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Ec2Server, Fixture, condition, wait_until};
+use common::aws::Aws;
+use common::{condition, wait_until};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kiln::api::{BuildPhase, ImageBuild, StepPhase};
 use kube::api::DeleteParams;
@@ -18,54 +19,7 @@ use serde_json::{Value, json};
 // Not tied to a runtime, so one lock serves every test's own runtime.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-struct Aws {
-    f: Fixture,
-    ec2: Ec2Server,
-    source_ami: String,
-}
-
 impl Aws {
-    async fn new(prefix: &str) -> Aws {
-        let f = Fixture::new(prefix).await;
-        let ec2 = Ec2Server::from_env(&f.env);
-        ec2.control("DELETE", "/_kiln/faults", None);
-        ec2.control("DELETE", "/_kiln/delays", None);
-        let source_ami = common::aws_setup(&f, &ec2).await;
-        Aws { f, ec2, source_ami }
-    }
-
-    fn build(&self, name: &str, ebs: Value, provisioners: Value) -> Value {
-        common::ebs_build(
-            &self.f,
-            &self.ec2,
-            &self.source_ami,
-            name,
-            ebs,
-            provisioners,
-        )
-    }
-
-    async fn uid(&self, name: &str) -> String {
-        self.f.api().get(name).await.unwrap().uid().unwrap()
-    }
-
-    /// Everything kiln may have made for the build, by tag or deterministic name.
-    async fn leaks(&self, uid: &str, regions: &[&str]) -> Vec<String> {
-        common::leaks(&self.ec2, &self.f.client, &self.f.ns, uid, regions).await
-    }
-
-    async fn images(&self, uid: &str, region: &str) -> Vec<aws_sdk_ec2::types::Image> {
-        let c = self.ec2.client(region).await;
-        c.describe_images()
-            .owners("self")
-            .filters(common::tag_filter(uid))
-            .send()
-            .await
-            .unwrap()
-            .images()
-            .to_vec()
-    }
-
     async fn instances_ever(&self, uid: &str) -> usize {
         let c = self.ec2.client("us-east-1").await;
         let r = c

@@ -9,7 +9,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Ec2Server, Fixture, wait_until};
+use common::aws::Aws;
+use common::wait_until;
 use kiln::api::{BuildPhase, CleanupPhase, ImageBuild, StepPhase};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -19,43 +20,11 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const REGIONS: [&str; 2] = ["us-east-1", "eu-west-1"];
 
-struct Aws {
-    f: Fixture,
-    ec2: Ec2Server,
-    source_ami: String,
-}
-
 impl Aws {
-    async fn new(prefix: &str) -> Aws {
-        let f = Fixture::new(prefix).await;
-        let ec2 = Ec2Server::from_env(&f.env);
-        ec2.control("DELETE", "/_kiln/faults", None);
-        ec2.control("DELETE", "/_kiln/delays", None);
-        let source_ami = common::aws_setup(&f, &ec2).await;
-        Aws { f, ec2, source_ami }
-    }
-
-    fn build(&self, name: &str, ebs: Value, provisioners: Value) -> Value {
-        common::ebs_build(
-            &self.f,
-            &self.ec2,
-            &self.source_ami,
-            name,
-            ebs,
-            provisioners,
-        )
-    }
-
     /// This build's images (by its tag) in `region`, with their snapshots.
-    async fn images(&self, uid: &str, region: &str) -> Vec<(String, Vec<String>)> {
-        let c = self.ec2.client(region).await;
-        c.describe_images()
-            .owners("self")
-            .filters(common::tag_filter(uid))
-            .send()
+    async fn images_with_snapshots(&self, uid: &str, region: &str) -> Vec<(String, Vec<String>)> {
+        self.images(uid, region)
             .await
-            .unwrap()
-            .images()
             .iter()
             .map(|i| {
                 let snaps = i
@@ -74,10 +43,6 @@ impl Aws {
             Ok(r) => !r.snapshots().is_empty(),
             Err(_) => false,
         }
-    }
-
-    fn fault(&self, f: Value) {
-        self.ec2.control("POST", "/_kiln/faults", Some(f));
     }
 }
 
@@ -119,18 +84,26 @@ async fn rewind_to_after_the_last_step(api: &Api<ImageBuild>, name: &str) {
     st["phase"] = json!("CleaningUp");
     st.as_object_mut().unwrap().remove("completedAt");
     st["currentStep"] = json!("manifest");
-    let patch = json!({
-        "apiVersion": "kiln.dev/v1alpha1",
-        "kind": "ImageBuild",
-        "status": st,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply("kiln").force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .unwrap();
+    let apply = |st: &Value| {
+        let patch = json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "ImageBuild", "status": st});
+        async move {
+            api.patch_status(
+                name,
+                &PatchParams::apply("kiln").force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        }
+    };
+    if let Err(e) = apply(&st).await {
+        // A kiln before steps[].artifacts (this test also runs against old code to
+        // show that it fails there): its images were listed from the start.
+        assert!(e.to_string().contains("not declared in schema"), "{e}");
+        for rec in st["steps"].as_array_mut().unwrap() {
+            rec.as_object_mut().unwrap().remove("artifacts");
+        }
+        apply(&st).await.unwrap();
+    }
 }
 
 /// `status.steps[name].<field>` as a number, 0 when absent (as JSON: see above).
@@ -144,6 +117,24 @@ async fn step_number(api: &Api<ImageBuild>, build: &str, step: &str, field: &str
         .find(|s| s["name"] == step)
         .and_then(|s| s[field].as_u64())
         .unwrap_or(0)
+}
+
+/// Waits until the build's first provisioner runs; returns the object then.
+async fn provisioner_running(api: &Api<ImageBuild>, name: &str) -> ImageBuild {
+    wait_until(
+        Duration::from_secs(120),
+        &format!("{name}'s provisioner to run"),
+        || async {
+            let ib = api.get(name).await.ok()?;
+            ib.status
+                .as_ref()?
+                .steps
+                .iter()
+                .any(|s| s.name == "shell-1" && s.phase == StepPhase::Running)
+                .then_some(ib)
+        },
+    )
+    .await
 }
 
 /// Review A1: a spec change or a deletion that lands after the last step, while the
@@ -199,7 +190,7 @@ async fn a_finished_build_keeps_its_images_through_a_spec_change_or_a_deletion()
         for art in artifacts {
             let region = art.region.as_deref().unwrap();
             let id = art.image_id.as_deref().unwrap();
-            let images = a.images(uid, region).await;
+            let images = a.images_with_snapshots(uid, region).await;
             let found = images.iter().find(|(i, _)| i == id);
             let (_, snaps) = found.unwrap_or_else(|| {
                 panic!("{name}: finished image {id} in {region} was removed; left: {images:?}")
@@ -273,7 +264,7 @@ async fn artifact_policy_delete_removes_every_image_and_retain_keeps_them() {
     let uid = ib.uid().unwrap();
     let mut snapshots = Vec::new();
     for region in REGIONS {
-        let images = a.images(&uid, region).await;
+        let images = a.images_with_snapshots(&uid, region).await;
         assert_eq!(images.len(), 2, "two generations in {region}: {images:?}");
         snapshots.extend(
             images
@@ -313,7 +304,9 @@ async fn artifact_policy_delete_removes_every_image_and_retain_keeps_them() {
     // Retain: the images stay after the object is gone.
     let kept_uid = kept.uid().unwrap();
     for art in &kept.status.as_ref().unwrap().artifacts {
-        let images = a.images(&kept_uid, art.region.as_deref().unwrap()).await;
+        let images = a
+            .images_with_snapshots(&kept_uid, art.region.as_deref().unwrap())
+            .await;
         assert!(
             images
                 .iter()
@@ -357,7 +350,7 @@ async fn no_snapshot_or_volume_outlives_its_build() {
     .await;
     let uid = ib.uid().unwrap();
     // The copy exists (pending), with a snapshot kiln never recorded.
-    let copies = a.images(&uid, "eu-west-1").await;
+    let copies = a.images_with_snapshots(&uid, "eu-west-1").await;
     assert_eq!(copies.len(), 1, "{copies:?}");
     // Cleanup's first look at the copy fails, and the first snapshot deletion in
     // each region is refused.
@@ -429,7 +422,11 @@ async fn a_lost_reply_is_not_a_failure() {
     );
     let uid = ib.uid().unwrap();
     for region in REGIONS {
-        assert_eq!(a.images(&uid, region).await.len(), 1, "{region}");
+        assert_eq!(
+            a.images_with_snapshots(&uid, region).await.len(),
+            1,
+            "{region}"
+        );
     }
     let leaks = common::leaks(&a.ec2, &a.f.client, &a.f.ns, &uid, &REGIONS).await;
     assert!(leaks.is_empty(), "leaked: {leaks:?}");
@@ -508,19 +505,7 @@ async fn only_what_carries_our_mark_is_adopted() {
         .unwrap()
         .to_string();
     a.f.restart_operator();
-    wait_until(
-        Duration::from_secs(60),
-        "the image build's provisioner",
-        || async {
-            let ib = api.get("image").await.ok()?;
-            let st = ib.status?;
-            st.steps
-                .iter()
-                .any(|s| s.name == "shell-1" && s.phase == StepPhase::Running)
-                .then_some(())
-        },
-    )
-    .await;
+    provisioner_running(&api, "image").await;
     let loaded = a.ec2.control(
         "POST",
         "/_kiln/images",
@@ -704,22 +689,11 @@ async fn deleting_the_credentials_secret_does_not_strand_cloud_resources() {
     ))
     .await
     .unwrap();
-    let ib = wait_until(
-        Duration::from_secs(120),
-        "the provisioner to run",
-        || async {
-            let ib = api.get("pruned").await.ok()?;
-            ib.status
-                .as_ref()?
-                .steps
-                .iter()
-                .any(|s| s.name == "shell-1" && s.phase == StepPhase::Running)
-                .then_some(ib)
-        },
-    )
-    .await;
+    let ib = provisioner_running(&api, "pruned").await;
     let uid = ib.uid().unwrap();
-    assert_eq!(ib.status.unwrap().held_secrets, vec!["aws".to_string()]);
+    // As JSON: the same test runs against kilns without the field.
+    let st = serde_json::to_value(ib.status.unwrap()).unwrap();
+    assert_eq!(st["heldSecrets"], json!(["aws"]), "{st}");
     assert!(held(&secrets.get("aws").await.unwrap(), &uid));
 
     // Both go at once, the Secret first.
@@ -741,5 +715,62 @@ async fn deleting_the_credentials_secret_does_not_strand_cloud_resources() {
     })
     .await;
     let leaks = common::leaks_keeping(&a.ec2, &a.f.client, &a.f.ns, &uid, &REGIONS, &[]).await;
+    assert!(leaks.is_empty(), "leaked: {leaks:?}");
+}
+
+/// Review A18: cleanup works in the region a resource was recorded in. When the
+/// recorded spec cannot be read (a newer kiln wrote it) cleanup falls back to the
+/// current spec; if that names another region, terminating the recorded instance
+/// there answered NotFound, which counted as done, and the instance leaked.
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_works_in_the_region_a_resource_was_recorded_in() {
+    let _g = SERIAL.lock().await;
+    let mut a = Aws::new("promise-region").await;
+    let never = a.f.host_dir.join("never");
+    a.f.create(&a.build(
+        "moved",
+        json!({}),
+        shell(&[&format!(
+            "while [ ! -e {} ]; do sleep 0.2; done",
+            never.display()
+        )]),
+    ))
+    .await
+    .unwrap();
+    let api = a.f.api();
+    let ib = provisioner_running(&api, "moved").await;
+    let uid = ib.uid().unwrap();
+    a.f.operator.kill();
+    // A recorded spec this kiln cannot read, and a current spec in another region.
+    let mut st = serde_json::to_value(ib.status.unwrap()).unwrap();
+    st["buildSpec"]["builder"]["amazonEBS"]["region"] = json!(["not", "a", "string"]);
+    api.patch_status(
+        "moved",
+        &PatchParams::apply("kiln").force(),
+        &Patch::Apply(
+            &json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "ImageBuild", "status": st}),
+        ),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "moved",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"builder": {"amazonEBS": {"region": "us-west-2"}}}})),
+    )
+    .await
+    .unwrap();
+    api.delete("moved", &DeleteParams::default()).await.unwrap();
+    a.f.restart_operator();
+    a.f.wait_gone("moved", Duration::from_secs(90)).await;
+    let leaks = common::leaks_keeping(
+        &a.ec2,
+        &a.f.client,
+        &a.f.ns,
+        &uid,
+        &["us-east-1", "us-west-2"],
+        &[],
+    )
+    .await;
     assert!(leaks.is_empty(), "leaked: {leaks:?}");
 }

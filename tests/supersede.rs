@@ -15,38 +15,15 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Ec2Server, Fixture, wait_until};
+use common::aws::Aws;
+use common::wait_until;
 use k8s_openapi::api::core::v1::Secret;
 use kiln::api::{BuildPhase, ImageBuild, ImageBuildSpec, StepPhase};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
-struct Aws {
-    f: Fixture,
-    ec2: Ec2Server,
-    source_ami: String,
-}
-
 impl Aws {
-    async fn new(prefix: &str) -> Aws {
-        let f = Fixture::new(prefix).await;
-        let ec2 = Ec2Server::from_env(&f.env);
-        let source_ami = common::aws_setup(&f, &ec2).await;
-        Aws { f, ec2, source_ami }
-    }
-
-    fn build(&self, name: &str, ebs: Value, provisioners: Value) -> Value {
-        common::ebs_build(
-            &self.f,
-            &self.ec2,
-            &self.source_ami,
-            name,
-            ebs,
-            provisioners,
-        )
-    }
-
     /// A source image of this test's own in another region.
     fn source_ami_in(&self, region: &str) -> String {
         let loaded = self.ec2.control(
@@ -158,27 +135,6 @@ impl Aws {
             }
         }
         left
-    }
-
-    /// Everything kiln may have made for the build in these regions, by its tag or
-    /// its deterministic names (both generations share the build's UID).
-    async fn leaks(&self, uid: &str, regions: &[&str]) -> Vec<String> {
-        common::leaks(&self.ec2, &self.f.client, &self.f.ns, uid, regions).await
-    }
-
-    /// This build's images (by its tag) in `region`.
-    async fn images(&self, uid: &str, region: &str) -> Vec<String> {
-        let c = self.ec2.client(region).await;
-        c.describe_images()
-            .owners("self")
-            .filters(common::tag_filter(uid))
-            .send()
-            .await
-            .unwrap()
-            .images()
-            .iter()
-            .filter_map(|i| i.image_id().map(str::to_string))
-            .collect()
     }
 }
 

@@ -97,19 +97,8 @@ pub async fn hold_secrets(
     uid: &str,
     names: &[String],
 ) -> Result<(), kube::Error> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let patch = json!({"metadata": {"finalizers": [secret_finalizer(uid)]}});
-    for name in names {
-        match api
-            .patch(name, &patch_params(), &Patch::Strategic(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    patch_secrets(client, namespace, names, &patch).await
 }
 
 /// Removes the build's finalizer from each Secret; a Secret already gone is done.
@@ -119,12 +108,21 @@ pub async fn release_secrets(
     uid: &str,
     names: &[String],
 ) -> Result<(), kube::Error> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let patch =
         json!({"metadata": {"$deleteFromPrimitiveList/finalizers": [secret_finalizer(uid)]}});
+    patch_secrets(client, namespace, names, &patch).await
+}
+
+async fn patch_secrets(
+    client: &kube::Client,
+    namespace: &str,
+    names: &[String],
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     for name in names {
         match api
-            .patch(name, &patch_params(), &Patch::Strategic(&patch))
+            .patch(name, &patch_params(), &Patch::Strategic(patch))
             .await
         {
             Ok(_) => {}

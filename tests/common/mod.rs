@@ -4,6 +4,8 @@
 //! `kiln` ServiceAccount under the RBAC from `config/rbac`.
 #![allow(dead_code)]
 
+pub mod aws;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -53,15 +53,6 @@ impl AwsError {
         }
     }
 
-    /// A reply without what a successful call must return.
-    pub fn empty(action: &'static str, what: &str) -> Self {
-        AwsError {
-            action,
-            code: "EmptyReply".into(),
-            message: format!("the reply has {what}"),
-        }
-    }
-
     pub fn is_not_found(&self) -> bool {
         self.code.ends_with(".NotFound") || self.code == "InvalidAMIID.Unavailable"
     }

@@ -349,6 +349,24 @@ impl Step for RemoveArtifacts {
     }
 }
 
+/// Tags of a new image and of its snapshots, given in the create call: cleanup finds
+/// a snapshot by them even when its image never became available.
+fn image_tags(
+    facts: &BuildFacts,
+    ebs: &crate::api::AmazonEbsBuilder,
+) -> Vec<aws_sdk_ec2::types::TagSpecification> {
+    vec![
+        tag_spec(
+            aws_sdk_ec2::types::ResourceType::Image,
+            &tags(facts, &ebs.tags),
+        ),
+        tag_spec(
+            aws_sdk_ec2::types::ResourceType::Snapshot,
+            &tags(facts, &ebs.snapshot_tags),
+        ),
+    ]
+}
+
 /// What an image name in this account and region belongs to.
 enum Named {
     Ours(String),
@@ -389,7 +407,7 @@ async fn ensure_image<F, Fut>(
 ) -> Result<String, StepError>
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<String, AwsError>>,
+    Fut: std::future::Future<Output = Result<Option<String>, AwsError>>,
 {
     match named(ec2, name, facts).await? {
         Named::Ours(id) => return Ok(id),
@@ -397,7 +415,13 @@ where
         Named::Free => {}
     }
     let e = match create().await {
-        Ok(id) => return Ok(id),
+        Ok(Some(id)) => return Ok(id),
+        Ok(None) => {
+            return Err(StepError::Failed(format!(
+                "creating image {name:?} in {}: the reply has no image ID",
+                ec2.region
+            )));
+        }
         Err(e) if e.is("InvalidAMIName.Duplicate") => e,
         Err(e) => return Err(e.fail()),
     };
@@ -430,29 +454,17 @@ impl Step for CreateImage {
             let instance = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
             let id = ensure_image(&ec2, &name, &ctx.facts, || async {
-                let mut req = ec2
+                let r = ec2
                     .client
                     .create_image()
                     .instance_id(&instance)
                     .name(&name)
-                    .tag_specifications(tag_spec(
-                        aws_sdk_ec2::types::ResourceType::Image,
-                        &tags(&ctx.facts, &ebs.tags),
-                    ))
-                    .tag_specifications(tag_spec(
-                        aws_sdk_ec2::types::ResourceType::Snapshot,
-                        &tags(&ctx.facts, &ebs.snapshot_tags),
-                    ));
-                if let Some(d) = &ebs.ami_description {
-                    req = req.description(d);
-                }
-                let r = req
+                    .set_tag_specifications(Some(image_tags(&ctx.facts, ebs)))
+                    .set_description(ebs.ami_description.clone())
                     .send()
                     .await
                     .map_err(|e| AwsError::from_sdk("CreateImage", e))?;
-                r.image_id()
-                    .map(str::to_string)
-                    .ok_or_else(|| AwsError::empty("CreateImage", "no image ID"))
+                Ok(r.image_id().map(str::to_string))
             })
             .await?;
             let mut o = capture(ctx, &ec2, &w, &id).await?;
@@ -506,19 +518,8 @@ impl Step for CopyImage {
                         ctx.facts.generation,
                         &format!("copy-{}", self.region),
                     ))
-                    .tag_specifications(tag_spec(
-                        aws_sdk_ec2::types::ResourceType::Image,
-                        &tags(&ctx.facts, &ebs.tags),
-                    ))
-                    // Tagged at creation, so cleanup finds the copy's snapshot even
-                    // when the copy never became available.
-                    .tag_specifications(tag_spec(
-                        aws_sdk_ec2::types::ResourceType::Snapshot,
-                        &tags(&ctx.facts, &ebs.snapshot_tags),
-                    ));
-                if let Some(d) = &ebs.ami_description {
-                    req = req.description(d);
-                }
+                    .set_tag_specifications(Some(image_tags(&ctx.facts, ebs)))
+                    .set_description(ebs.ami_description.clone());
                 if ebs.encrypt_boot || ebs.kms_key_id.is_some() {
                     req = req.encrypted(true);
                 }
@@ -529,9 +530,7 @@ impl Step for CopyImage {
                     .send()
                     .await
                     .map_err(|e| AwsError::from_sdk("CopyImage", e))?;
-                r.image_id()
-                    .map(str::to_string)
-                    .ok_or_else(|| AwsError::empty("CopyImage", "no image ID"))
+                Ok(r.image_id().map(str::to_string))
             })
             .await?;
             capture(ctx, &ec2, &w, &id).await

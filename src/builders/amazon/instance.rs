@@ -5,8 +5,8 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 
 use super::{
-    AwsError, Ec2, cleanup_waits, client_token, ebs, filter, out, output, tag_spec, tags, wait_for,
-    waits,
+    AwsError, Ec2, cleanup_regions, cleanup_waits, client_token, ebs, filter, out, output,
+    recorded_in, tag_spec, tags, wait_for, waits,
 };
 use crate::api::{BUILD_UID_TAG, ResourceRecord, SshInterface};
 use crate::engine::{BuildFacts, CleanupContext, Step, StepContext, StepError, StepOutput};
@@ -147,79 +147,84 @@ impl Step for RunInstance {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;
             let w = cleanup_waits(ebs);
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
-            let mut ids: Vec<String> = ctx
-                .record
-                .resources
-                .iter()
-                .filter(|r| r.created && r.kind == "Instance")
-                .map(|r| r.id.clone())
-                .collect();
-            // Launched but not yet recorded when the operator stopped: found by tag.
-            for id in find_instances(&ec2, &ctx.facts)
-                .await
-                .map_err(AwsError::retry)?
-            {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
+            for region in cleanup_regions(&ctx.record, &ebs.region) {
+                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                let ids = recorded_in(&ctx.record, "Instance", &region, &ebs.region);
+                terminate(&ec2, ids, &ctx.facts, &w).await?;
             }
-            if ids.is_empty() {
-                return delete_volumes(&ec2, &ctx.facts).await;
-            }
-            if let Err(e) = ec2
-                .client
-                .terminate_instances()
-                .set_instance_ids(Some(ids.clone()))
-                .send()
-                .await
-            {
-                let e = AwsError::from_sdk("TerminateInstances", e);
-                if !e.is_not_found() {
-                    return Err(e.retry());
-                }
-            }
-            // Waiting here lets the security group go on the first try.
-            let cancel = tokio_util::sync::CancellationToken::new();
-            wait_for("the instance to terminate", &w, &cancel, || async {
-                let r = ec2
-                    .client
-                    .describe_instances()
-                    .set_instance_ids(Some(ids.clone()))
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) => Ok(r
-                        .reservations()
-                        .iter()
-                        .flat_map(|r| r.instances())
-                        .all(|i| {
-                            i.state().and_then(|s| s.name())
-                                == Some(&aws_sdk_ec2::types::InstanceStateName::Terminated)
-                        })
-                        .then_some(())),
-                    Err(e) => {
-                        let e = AwsError::from_sdk("DescribeInstances", e);
-                        if e.is_not_found() {
-                            Ok(Some(()))
-                        } else {
-                            Err(e.retry())
-                        }
-                    }
-                }
-            })
-            .await
-            .map_err(|e| match e {
-                StepError::Failed(m) => StepError::Transient(m),
-                other => other,
-            })?;
-            delete_volumes(&ec2, &ctx.facts).await
+            Ok(())
         })
     }
 
     fn needs_cleanup(&self, _record: &crate::api::StepRecord) -> bool {
         true
     }
+}
+
+/// Terminates the recorded instances and any of the build's generation found by tag
+/// in `ec2`'s region, waits until they are gone, then deletes the volumes they left.
+async fn terminate(
+    ec2: &Ec2,
+    mut ids: Vec<String>,
+    facts: &BuildFacts,
+    w: &super::Waits,
+) -> Result<(), StepError> {
+    // Launched but not yet recorded when the operator stopped: found by tag.
+    for id in find_instances(ec2, facts).await.map_err(AwsError::retry)? {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        return delete_volumes(ec2, facts).await;
+    }
+    if let Err(e) = ec2
+        .client
+        .terminate_instances()
+        .set_instance_ids(Some(ids.clone()))
+        .send()
+        .await
+    {
+        let e = AwsError::from_sdk("TerminateInstances", e);
+        if !e.is_not_found() {
+            return Err(e.retry());
+        }
+    }
+    // Waiting here lets the security group go on the first try.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    wait_for("the instance to terminate", w, &cancel, || async {
+        let r = ec2
+            .client
+            .describe_instances()
+            .set_instance_ids(Some(ids.clone()))
+            .send()
+            .await;
+        match r {
+            Ok(r) => Ok(r
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .all(|i| {
+                    i.state().and_then(|s| s.name())
+                        == Some(&aws_sdk_ec2::types::InstanceStateName::Terminated)
+                })
+                .then_some(())),
+            Err(e) => {
+                let e = AwsError::from_sdk("DescribeInstances", e);
+                if e.is_not_found() {
+                    Ok(Some(()))
+                } else {
+                    Err(e.retry())
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        StepError::Failed(m) => StepError::Transient(m),
+        other => other,
+    })?;
+    delete_volumes(ec2, facts).await
 }
 
 /// Volumes of this build's generation that outlived its instance: those launched

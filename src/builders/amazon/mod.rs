@@ -108,6 +108,40 @@ pub struct Waits {
     pub poll: Duration,
 }
 
+/// The regions a step's cleanup works in: the build region (where what was made but
+/// not yet recorded is looked for) and every region its records name. A record is
+/// cleaned up where it was made, also when the spec cleanup runs with names another
+/// region (a recorded spec this kiln cannot read falls back to the current one):
+/// there a NotFound would wrongly count as done.
+pub fn cleanup_regions(record: &crate::api::StepRecord, build_region: &str) -> Vec<String> {
+    let mut regions = vec![build_region.to_string()];
+    for r in record.resources.iter().filter(|r| r.created) {
+        if let Some(region) = &r.region
+            && !regions.contains(region)
+        {
+            regions.push(region.clone());
+        }
+    }
+    regions
+}
+
+/// IDs of the created records of `kind` made in `region` (a record without a region
+/// is the build region's, as older kilns wrote them).
+pub fn recorded_in(
+    record: &crate::api::StepRecord,
+    kind: &str,
+    region: &str,
+    build_region: &str,
+) -> Vec<String> {
+    record
+        .resources
+        .iter()
+        .filter(|r| r.created && r.kind == kind)
+        .filter(|r| r.region.as_deref().unwrap_or(build_region) == region)
+        .map(|r| r.id.clone())
+        .collect()
+}
+
 /// The waits of a cleanup: never blocked by a value kiln cannot parse (the spec it
 /// ran with is recorded, so fixing the spec would not help); the defaults instead.
 pub fn cleanup_waits(ebs: &AmazonEbsBuilder) -> Waits {

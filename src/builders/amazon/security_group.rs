@@ -3,7 +3,7 @@
 
 use futures::future::BoxFuture;
 
-use super::{AwsError, Ec2, ebs, filter, ours, out, tag_spec, tags};
+use super::{AwsError, Ec2, cleanup_regions, ebs, filter, ours, out, recorded_in, tag_spec, tags};
 use crate::api::{BUILD_UID_TAG, ResourceRecord};
 use crate::engine::{CleanupContext, Step, StepContext, StepError, StepOutput};
 
@@ -113,47 +113,10 @@ impl Step for SecurityGroupStep {
     fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
-            let mut ids: Vec<String> = ctx
-                .record
-                .resources
-                .iter()
-                .filter(|r| r.created)
-                .map(|r| r.id.clone())
-                .collect();
-            // Created but not yet recorded when the operator stopped: found by name,
-            // and only when it carries this build's tag.
-            let found = ec2
-                .client
-                .describe_security_groups()
-                .filters(filter("group-name", group_name(&ctx.facts)))
-                .send()
-                .await
-                .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).retry())?;
-            for g in found.security_groups() {
-                let Some(id) = g.group_id() else { continue };
-                if !ours(g.tags(), &ctx.facts) {
-                    tracing::warn!(group = %id, "a security group has this build's name but not its tag; leaving it alone");
-                    continue;
-                }
-                if !ids.iter().any(|i| i == id) {
-                    ids.push(id.to_string());
-                }
-            }
-            for id in ids {
-                if let Err(e) = ec2
-                    .client
-                    .delete_security_group()
-                    .group_id(&id)
-                    .send()
-                    .await
-                {
-                    let e = AwsError::from_sdk("DeleteSecurityGroup", e);
-                    // DependencyViolation while the instance terminates: retried by the engine.
-                    if !e.is_not_found() {
-                        return Err(e.retry());
-                    }
-                }
+            for region in cleanup_regions(&ctx.record, &ebs.region) {
+                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                let ids = recorded_in(&ctx.record, "SecurityGroup", &region, &ebs.region);
+                delete_groups(&ec2, ids, &ctx.facts).await?;
             }
             Ok(())
         })
@@ -164,6 +127,49 @@ impl Step for SecurityGroupStep {
     fn needs_cleanup(&self, record: &crate::api::StepRecord) -> bool {
         !record.resources.iter().any(|r| !r.created)
     }
+}
+
+/// Deletes the recorded groups and the build's group found by name (only when it
+/// carries the build's tag) in `ec2`'s region.
+async fn delete_groups(
+    ec2: &Ec2,
+    mut ids: Vec<String>,
+    facts: &crate::engine::BuildFacts,
+) -> Result<(), StepError> {
+    // Created but not yet recorded when the operator stopped.
+    let found = ec2
+        .client
+        .describe_security_groups()
+        .filters(filter("group-name", group_name(facts)))
+        .send()
+        .await
+        .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).retry())?;
+    for g in found.security_groups() {
+        let Some(id) = g.group_id() else { continue };
+        if !ours(g.tags(), facts) {
+            tracing::warn!(group = %id, "a security group has this build's name but not its tag; leaving it alone");
+            continue;
+        }
+        if !ids.iter().any(|i| i == id) {
+            ids.push(id.to_string());
+        }
+    }
+    for id in ids {
+        if let Err(e) = ec2
+            .client
+            .delete_security_group()
+            .group_id(&id)
+            .send()
+            .await
+        {
+            let e = AwsError::from_sdk("DeleteSecurityGroup", e);
+            // DependencyViolation while the instance terminates: retried by the engine.
+            if !e.is_not_found() {
+                return Err(e.retry());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// This build's group of that name in `vpc`, if there is one. A group with the name
