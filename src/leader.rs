@@ -70,8 +70,24 @@ impl Deadline {
         let every = (margin / 2).max(Duration::from_millis(500));
         // Until the first read, the lease was taken just now.
         let mut valid_until = SystemTime::now() + self.duration;
+        // Time left before this replica must have stopped.
+        let left = |until: SystemTime| {
+            until
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .saturating_sub(margin)
+        };
         loop {
-            match tokio::time::timeout(every, self.leases.get_opt(&self.name)).await {
+            if left(valid_until).is_zero() {
+                tracing::error!(
+                    "the leader lease was not renewed in time; stepping down before it expires"
+                );
+                return;
+            }
+            // A read that hangs (an unreachable apiserver) must not carry the replica
+            // past its deadline.
+            let wait = every.min(left(valid_until));
+            match tokio::time::timeout(wait, self.leases.get_opt(&self.name)).await {
                 Ok(Ok(Some(lease))) => match renewed_until(&lease, &self.identity) {
                     Some(until) => valid_until = until,
                     None => {
@@ -86,17 +102,7 @@ impl Deadline {
                 Ok(Err(e)) => tracing::warn!(error = %e, "reading the leader lease"),
                 Err(_) => tracing::warn!("reading the leader lease timed out"),
             }
-            let left = valid_until
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            if left <= margin {
-                tracing::error!(
-                    left_ms = left.as_millis() as u64,
-                    "the leader lease was not renewed in time; stepping down before it expires"
-                );
-                return;
-            }
-            tokio::time::sleep(every.min(left - margin)).await;
+            tokio::time::sleep(every.min(left(valid_until))).await;
         }
     }
 }

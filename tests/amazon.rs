@@ -344,25 +344,106 @@ async fn given_resources_are_used_and_never_deleted_and_names_are_protected() {
         0,
         "nothing may be launched"
     );
-    // ...unless forceDeregister, which removes that image only.
+    // forceDeregister replaces only this ImageBuild's own images (its kiln.dev/build
+    // tag): an image anyone else made fails the build before anything is launched,
+    // saying whose it is (review A9)...
+    let theirs = format!("{taken}-theirs");
+    let loaded = a.ec2.control(
+        "POST",
+        "/_kiln/images",
+        Some(
+            json!([{"name": theirs, "creation_date": "2024-01-01T00:00:00.000Z",
+                     "tags": {"kiln.dev/build": "team-b/base"}}]),
+        ),
+    );
+    let theirs_id = loaded["images"][0]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (name, ami_name, id, whose) in [
+        ("force-untagged", &taken, &old_id, "kiln did not build it"),
+        (
+            "force-theirs",
+            &theirs,
+            &theirs_id,
+            "built by ImageBuild team-b/base",
+        ),
+    ] {
+        a.f.create(&a.build(
+            name,
+            json!({"amiName": ami_name, "forceDeregister": true, "forceDeleteSnapshot": true}),
+            shell(&["true"]),
+        ))
+        .await
+        .unwrap();
+        let ib =
+            a.f.wait_phase(name, BuildPhase::Failed, Duration::from_secs(30))
+                .await;
+        let msg = ib.status.clone().unwrap().message.unwrap();
+        assert!(
+            msg.contains("forceDeregister") && msg.contains(id.as_str()) && msg.contains(whose),
+            "{name}: {msg}"
+        );
+        assert_eq!(a.instances_ever(&ib.uid().unwrap()).await, 0, "{name}");
+        let left = c
+            .describe_images()
+            .image_ids(id.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            left.images().len(),
+            1,
+            "{name}: someone else's image was removed"
+        );
+    }
+
+    // ...and replaces this ImageBuild's earlier image of the name, which is then no
+    // longer an artifact (review A2).
+    let mine = format!("{taken}-mine");
     a.f.create(&a.build(
         "replace",
-        json!({"amiName": taken, "forceDeregister": true, "forceDeleteSnapshot": true}),
+        json!({"amiName": mine, "forceDeregister": true, "forceDeleteSnapshot": true}),
         shell(&["true"]),
     ))
     .await
     .unwrap();
-    let ib =
+    let first =
         a.f.wait_phase("replace", BuildPhase::Succeeded, Duration::from_secs(90))
             .await;
-    let new_id = ib.status.unwrap().artifacts[0].image_id.clone().unwrap();
+    let first_id = first.status.unwrap().artifacts[0].image_id.clone().unwrap();
+    let api = a.f.api();
+    api.patch(
+        "replace",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            json!({"spec": {"provisioners": [{"shell": {"inline": ["echo two"]}}]}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let ib = wait_until(Duration::from_secs(90), "generation 2 built", || async {
+        let ib = api.get("replace").await.ok()?;
+        let st = ib.status.as_ref()?;
+        (st.observed_generation == Some(2) && st.phase == Some(BuildPhase::Succeeded)).then_some(ib)
+    })
+    .await;
+    let st = ib.status.unwrap();
+    let new_id = st.artifacts.last().unwrap().image_id.clone().unwrap();
+    assert!(
+        st.artifacts
+            .iter()
+            .all(|x| x.image_id.as_deref() != Some(first_id.as_str())),
+        "a replaced image is still listed: {:?}",
+        st.artifacts
+    );
     let by_name = c
         .describe_images()
         .owners("self")
         .filters(
             aws_sdk_ec2::types::Filter::builder()
                 .name("name")
-                .values(&taken)
+                .values(&mine)
                 .build(),
         )
         .send()

@@ -16,6 +16,8 @@ pub use status::*;
 pub const GROUP: &str = "kiln.dev";
 pub const FINALIZER: &str = "kiln.dev/cleanup";
 pub const BUILD_UID_TAG: &str = "kiln.dev/build-uid";
+/// Tag naming the ImageBuild (`namespace/name`) a resource was made for.
+pub const BUILD_TAG: &str = "kiln.dev/build";
 
 /// A machine image build: launch a build machine from a source image, provision it
 /// over SSH, capture an image, and remove every temporary resource kiln created.

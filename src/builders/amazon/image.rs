@@ -12,7 +12,7 @@ use kube::api::{Patch, PatchParams};
 use super::{
     AwsError, Ec2, KIND, client_token, ebs, filter, out, output, tag_spec, tags, wait_for, waits,
 };
-use crate::api::{Artifact, BUILD_UID_TAG, ResourceRecord};
+use crate::api::{Artifact, BUILD_TAG, BUILD_UID_TAG, ResourceRecord};
 use crate::engine::{
     BuildFacts, BuildOutcome, CleanupContext, Step, StepContext, StepError, StepOutput,
 };
@@ -25,6 +25,8 @@ fn image_key(region: &str) -> String {
 struct Found {
     id: String,
     ours: bool,
+    /// The `kiln.dev/build` tag: the ImageBuild (`namespace/name`) that made it.
+    build: Option<String>,
     snapshots: Vec<String>,
 }
 
@@ -45,13 +47,57 @@ async fn find_by_name(ec2: &Ec2, name: &str, facts: &BuildFacts) -> Result<Vec<F
                 .tags()
                 .iter()
                 .any(|t| t.key() == Some(BUILD_UID_TAG) && t.value() == Some(facts.uid.as_str()));
+            let build = i
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some(BUILD_TAG))
+                .and_then(|t| t.value())
+                .map(str::to_string);
             Some(Found {
                 id,
                 ours,
+                build,
                 snapshots: snapshots_of(i),
             })
         })
         .collect())
+}
+
+/// The images `forceDeregister` may replace in `ec2`'s region: those of this very
+/// ImageBuild (their `kiln.dev/build` tag names its namespace and name), from an
+/// earlier generation or an earlier object of the same name. An image of that name
+/// that is anyone else's fails the build, saying whose it is: unlike Packer's
+/// `force_deregister`, kiln never removes an image another team or tool made, since
+/// one operator identity serves every namespace.
+async fn replaceable(ec2: &Ec2, name: &str, facts: &BuildFacts) -> Result<Vec<Found>, StepError> {
+    let this = format!("{}/{}", facts.namespace, facts.name);
+    let found = find_by_name(ec2, name, facts)
+        .await
+        .map_err(AwsError::fail)?;
+    if let Some(f) = found
+        .iter()
+        .find(|f| f.build.as_deref() != Some(this.as_str()))
+    {
+        let whose = match &f.build {
+            Some(b) => format!("it was built by ImageBuild {b}"),
+            None => "kiln did not build it (it has no kiln.dev/build tag)".to_string(),
+        };
+        return Err(StepError::Failed(format!(
+            "spec.builder.amazonEBS.forceDeregister: the AMI named {name:?} in {} ({}) is not this ImageBuild's: {whose}; forceDeregister only replaces images of ImageBuild {this}: choose another amiName",
+            ec2.region, f.id
+        )));
+    }
+    Ok(found)
+}
+
+/// `pre-validate` with `forceDeregister`: fails before anything is launched when an
+/// image of the name is not this ImageBuild's to replace.
+pub(super) async fn check_replaceable(
+    ec2: &Ec2,
+    name: &str,
+    facts: &BuildFacts,
+) -> Result<(), StepError> {
+    replaceable(ec2, name, facts).await.map(|_| ())
 }
 
 fn snapshots_of(i: &aws_sdk_ec2::types::Image) -> Vec<String> {
@@ -546,9 +592,10 @@ impl Step for CopyImage {
     }
 }
 
-/// With `forceDeregister`: removes an existing AMI of the same name (and with
-/// `forceDeleteSnapshot` its snapshots) in every target region. Only images of
-/// exactly that name owned by this account are touched.
+/// With `forceDeregister`: removes this ImageBuild's earlier AMI of the same name
+/// (and with `forceDeleteSnapshot` its snapshots) in every target region. Only
+/// images of exactly that name, owned by this account and tagged as this
+/// ImageBuild's, are touched (see [`replaceable`]).
 pub struct DeregisterExisting;
 
 impl Step for DeregisterExisting {
@@ -566,10 +613,8 @@ impl Step for DeregisterExisting {
             let mut removed = Vec::new();
             for region in regions {
                 let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
-                for f in find_by_name(&ec2, &name, &ctx.facts)
-                    .await
-                    .map_err(AwsError::fail)?
-                {
+                // Checked again: the name may have been taken since pre-validate.
+                for f in replaceable(&ec2, &name, &ctx.facts).await? {
                     if let Err(e) = ec2.client.deregister_image().image_id(&f.id).send().await {
                         let e = AwsError::from_sdk("DeregisterImage", e);
                         if !e.is_not_found() {

@@ -271,7 +271,7 @@ pub fn tags(
     let mut all = vec![
         (crate::api::BUILD_UID_TAG.to_string(), facts.uid.clone()),
         (
-            "kiln.dev/build".to_string(),
+            crate::api::BUILD_TAG.to_string(),
             format!("{}/{}", facts.namespace, facts.name),
         ),
         (

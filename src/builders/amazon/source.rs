@@ -36,7 +36,14 @@ impl Step for PreValidate {
                     "spec.builder.amazonEBS.amiName: {name:?} is not a valid AMI name (3-128 characters: letters, digits, ( ) [ ] . / - ' @ _ and spaces)"
                 )));
             }
-            if !ebs.force_deregister {
+            if ebs.force_deregister {
+                let mut regions = vec![ebs.region.clone()];
+                regions.extend(ebs.ami_regions.iter().cloned());
+                for region in regions {
+                    let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                    super::image::check_replaceable(&ec2, &name, &ctx.facts).await?;
+                }
+            } else {
                 let mut regions = vec![ebs.region.clone()];
                 regions.extend(ebs.ami_regions.iter().cloned());
                 for region in regions {
