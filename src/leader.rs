@@ -60,7 +60,7 @@ impl Deadline {
     /// How long before the lease expires the replica stops: after the manager's
     /// renewal (a third of the lease before expiry) had time to land.
     fn margin(&self) -> Duration {
-        (self.duration / 6).max(Duration::from_secs(1))
+        (self.duration / 5).max(Duration::from_secs(1))
     }
 
     /// Completes when the last renewal this replica saw is about to expire, or the
