@@ -197,7 +197,7 @@ async fn source_ami_filter_picks_the_newest_and_explains_ambiguity() {
         .as_str()
         .unwrap()
         .to_string();
-    let filter = |most_recent: bool, pattern: &str| json!({"sourceAMI": null, "sourceAMIFilter": {"filters": {"name": pattern}, "mostRecent": most_recent}});
+    let filter = |most_recent: bool, pattern: &str| json!({"sourceAMI": null, "sourceAMIFilter": {"filters": {"name": pattern}, "owners": ["self"], "mostRecent": most_recent}});
     let pattern = format!("{family}-*");
     a.f.create(&a.build("newest", filter(true, &pattern), shell(&["true"])))
         .await

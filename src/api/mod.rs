@@ -244,13 +244,26 @@ pub struct AwsCredentials {
     pub secret_ref: LocalObjectRef,
 }
 
+/// Finds the source AMI by filters, as Packer's `source_ami_filter`.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "size(self.owners) > 0 || (has(self.anyOwner) && self.anyOwner)"
+).message("owners is required (account IDs, self, amazon or aws-marketplace): without it anyone's public image with a matching name can become the source; set anyOwner: true to search every owner anyway"))]
 pub struct SourceAmiFilter {
+    /// DescribeImages filters, e.g. `name: ubuntu/images/*-24.04-amd64-server-*`.
     #[serde(default)]
     pub filters: BTreeMap<String, String>,
+    /// Whose images may be the source: account IDs, `self`, `amazon`,
+    /// `aws-marketplace`. Required unless `anyOwner` is set.
     #[serde(default)]
+    #[schemars(length(max = 50))]
     pub owners: Vec<String>,
+    /// Search every owner's images. Anyone can publish a public image whose name
+    /// matches your filter ("whoAMI"); only for filters that cannot be spoofed.
+    #[serde(default)]
+    pub any_owner: bool,
+    /// Pick the newest match when several images match (else the build fails).
     #[serde(default)]
     pub most_recent: bool,
 }

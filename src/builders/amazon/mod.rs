@@ -42,6 +42,15 @@ pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
     // Refused before anything is created: a value the schema admits but kiln cannot
     // use would otherwise fail after the instance is launched.
     waits(ebs).map_err(|e| PlanError::Invalid(e.to_string()))?;
+    // Also for objects admitted before the schema required it.
+    if let Some(f) = &ebs.source_ami_filter
+        && f.owners.is_empty()
+        && !f.any_owner
+    {
+        return Err(PlanError::Invalid(
+            "spec.builder.amazonEBS.sourceAMIFilter.owners: required (account IDs, self, amazon or aws-marketplace), or set anyOwner: true".into(),
+        ));
+    }
     for (field, map) in [
         ("tags", &ebs.tags),
         ("runTags", &ebs.run_tags),

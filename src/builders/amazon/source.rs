@@ -76,6 +76,58 @@ impl Step for PreValidate {
     }
 }
 
+/// The most images `sourceAMIFilter` may match: the lookup reads one page of this
+/// size, so a broad filter can never pull an unbounded list into memory.
+const MAX_MATCHES: i32 = 1000;
+
+/// The source AMI a filter selects: the only match, or the newest with `mostRecent`.
+async fn newest_match(
+    ec2: &Ec2,
+    f: &crate::api::SourceAmiFilter,
+    region: &str,
+) -> Result<String, StepError> {
+    let mut req = ec2.client.describe_images().max_results(MAX_MATCHES);
+    for (k, v) in &f.filters {
+        req = req.filters(filter(k, v.clone()));
+    }
+    for o in &f.owners {
+        req = req.owners(o.clone());
+    }
+    let r = req
+        .send()
+        .await
+        .map_err(|e| super::AwsError::from_sdk("DescribeImages", e).fail())?;
+    let images = r.images();
+    let describe = || format!("filters {:?}, owners {:?} in {region}", f.filters, f.owners);
+    let field = "spec.builder.amazonEBS.sourceAMIFilter";
+    if r.next_token().is_some_and(|t| !t.is_empty()) || images.len() > MAX_MATCHES as usize {
+        return Err(StepError::Failed(format!(
+            "{field}: more than {MAX_MATCHES} images match {}; narrow the filters",
+            describe()
+        )));
+    }
+    if images.is_empty() {
+        return Err(StepError::Failed(format!(
+            "{field}: no image matches {}",
+            describe()
+        )));
+    }
+    if images.len() > 1 && !f.most_recent {
+        return Err(StepError::Failed(format!(
+            "{field}: {} images match {}; set mostRecent: true or narrow the filters",
+            images.len(),
+            describe()
+        )));
+    }
+    // ISO 8601 timestamps in one format sort as strings.
+    images
+        .iter()
+        .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+        .and_then(|i| i.image_id())
+        .map(str::to_string)
+        .ok_or_else(|| StepError::Failed("DescribeImages returned an image without an ID".into()))
+}
+
 pub struct SourceImage;
 
 impl Step for SourceImage {
@@ -109,51 +161,7 @@ impl Step for SourceImage {
                     }
                     id.clone()
                 }
-                (None, Some(f)) => {
-                    let mut req = ec2.client.describe_images();
-                    for (k, v) in &f.filters {
-                        req = req.filters(filter(k, v.clone()));
-                    }
-                    for o in &f.owners {
-                        req = req.owners(o.clone());
-                    }
-                    let r = req
-                        .send()
-                        .await
-                        .map_err(|e| super::AwsError::from_sdk("DescribeImages", e).fail())?;
-                    let images = r.images();
-                    let describe = || {
-                        format!(
-                            "filters {:?}, owners {:?} in {}",
-                            f.filters, f.owners, ebs.region
-                        )
-                    };
-                    if images.is_empty() {
-                        return Err(StepError::Failed(format!(
-                            "spec.builder.amazonEBS.sourceAMIFilter: no image matches {}",
-                            describe()
-                        )));
-                    }
-                    if images.len() > 1 && !f.most_recent {
-                        return Err(StepError::Failed(format!(
-                            "spec.builder.amazonEBS.sourceAMIFilter: {} images match {}; set mostRecent: true or narrow the filters",
-                            images.len(),
-                            describe()
-                        )));
-                    }
-                    // ISO 8601 timestamps in one format sort as strings.
-                    let newest = images
-                        .iter()
-                        .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
-                        .and_then(|i| i.image_id());
-                    newest
-                        .ok_or_else(|| {
-                            StepError::Failed(
-                                "DescribeImages returned an image without an ID".into(),
-                            )
-                        })?
-                        .to_string()
-                }
+                (None, Some(f)) => newest_match(&ec2, f, &ebs.region).await?,
                 (None, None) => {
                     return Err(StepError::Failed(
                         "spec.builder.amazonEBS: set sourceAMI or sourceAMIFilter".into(),

@@ -1,0 +1,125 @@
+//! One operator identity serves every namespace (issue 2/6): what one tenant's
+//! ImageBuild may make the operator do to another's images, and which images may
+//! become a source. Against the real apiserver and the EC2 test server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::aws::Aws;
+use kiln::api::BuildPhase;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn shell(cmds: &[&str]) -> Value {
+    json!([{"shell": {"inline": cmds}}])
+}
+
+/// Review A5 ("whoAMI"): without owners, anyone's public image with a matching name
+/// could become the source. `owners` is required unless `anyOwner: true` says
+/// otherwise, and a filter that matches more than 1000 images fails instead of
+/// pulling an unbounded list into the operator's memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_filter_names_its_owners_and_matches_a_bounded_set() {
+    let _g = SERIAL.lock().await;
+    let a = Aws::new("owners").await;
+    let family = format!("wide-{}", a.f.ns);
+    let filter = |extra: Value| {
+        let mut f = json!({"filters": {"name": format!("{family}-*")}, "mostRecent": true});
+        for (k, v) in extra.as_object().unwrap() {
+            f[k] = v.clone();
+        }
+        json!({"sourceAMI": null, "sourceAMIFilter": f})
+    };
+    let err =
+        a.f.create_raw(&a.build("no-owners", filter(json!({})), shell(&["true"])))
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("owners is required"), "{err}");
+    let err =
+        a.f.create_raw(&a.build(
+            "opt-out-false",
+            filter(json!({"anyOwner": false})),
+            shell(&["true"]),
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("owners is required"), "{err}");
+    a.f.create_raw(&a.build(
+        "opt-out",
+        filter(json!({"anyOwner": true})),
+        shell(&["true"]),
+    ))
+    .await
+    .expect("anyOwner: true is the explicit opt-out");
+
+    // 1001 matching images: more than one page of the bounded lookup.
+    let images: Vec<Value> = (0..1001)
+        .map(|i| json!({"name": format!("{family}-{i:04}"), "creation_date": "2025-01-01T00:00:00.000Z"}))
+        .collect();
+    a.ec2.control("POST", "/_kiln/images", Some(json!(images)));
+    a.f.create(&a.build(
+        "too-wide",
+        filter(json!({"owners": ["self"]})),
+        shell(&["true"]),
+    ))
+    .await
+    .unwrap();
+    let ib =
+        a.f.wait_phase("too-wide", BuildPhase::Failed, Duration::from_secs(60))
+            .await;
+    let msg = ib.status.unwrap().message.unwrap();
+    assert!(
+        msg.contains("sourceAMIFilter") && msg.contains("more than 1000 images match"),
+        "{msg}"
+    );
+}
+
+/// Review A9 across namespaces: a team's ImageBuild with `forceDeregister` and
+/// another team's AMI name fails before anything is launched, saying whose image it
+/// is, and that image survives.
+#[tokio::test(flavor = "multi_thread")]
+async fn force_deregister_cannot_remove_another_namespaces_image() {
+    let _g = SERIAL.lock().await;
+    let team_a = Aws::new("team-a").await;
+    let name = format!("shared-name-{}", team_a.f.ns);
+    team_a
+        .f
+        .create(&team_a.build("base", json!({"amiName": name}), shell(&["true"])))
+        .await
+        .unwrap();
+    let built = team_a
+        .f
+        .wait_phase("base", BuildPhase::Succeeded, Duration::from_secs(90))
+        .await;
+    let image = built.status.unwrap().artifacts[0].image_id.clone().unwrap();
+
+    let team_b = Aws::new("team-b").await;
+    team_b
+        .f
+        .create(&team_b.build(
+            "steal",
+            json!({"amiName": name, "forceDeregister": true, "forceDeleteSnapshot": true}),
+            shell(&["true"]),
+        ))
+        .await
+        .unwrap();
+    let ib = team_b
+        .f
+        .wait_phase("steal", BuildPhase::Failed, Duration::from_secs(60))
+        .await;
+    let msg = ib.status.clone().unwrap().message.unwrap();
+    assert!(
+        msg.contains(&image) && msg.contains(&format!("ImageBuild {}/base", team_a.f.ns)),
+        "{msg}"
+    );
+    let uid = ib.uid().unwrap();
+    assert!(team_b.images(&uid, "us-east-1").await.is_empty());
+    let c = team_a.ec2.client("us-east-1").await;
+    let left = c.describe_images().image_ids(&image).send().await.unwrap();
+    assert_eq!(left.images().len(), 1, "team a's image was removed");
+}
