@@ -86,11 +86,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Log targets that write credentials or signatures at debug and trace level.
+const CREDENTIAL_LOGGERS: [&str; 6] = [
+    "aws_sigv4",
+    "aws_config",
+    "aws_credential_types",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http_client",
+];
+
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("KILN_LOG")
+    let mut filter = EnvFilter::try_from_env("KILN_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,russh=warn,hyper=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Whatever level is asked for: at debug and below the AWS SDK logs what it signs
+    // and the credentials it resolved (the access key ID among them).
+    for quiet in CREDENTIAL_LOGGERS {
+        if let Ok(d) = format!("{quiet}=info").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    // Colour codes only for a terminal: in a Pod's log or a file they are noise.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -334,4 +334,18 @@ async fn runtime_problems_fail_the_build_with_a_clear_message() {
             ],
         ),
     );
+    // `kubectl get -o wide` shows why, in a column of its own.
+    let out = std::process::Command::new(f.env.dir.join("bin/kubectl"))
+        .args(["get", "ib", "missing-secret", "-o", "wide", "-n", &f.ns])
+        .env("KUBECONFIG", &f.env.kubeconfig)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().next().is_some_and(|h| h.contains("MESSAGE"))
+            && text.contains("Secret")
+            && text.contains("not found"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -123,3 +123,51 @@ async fn force_deregister_cannot_remove_another_namespaces_image() {
     let left = c.describe_images().image_ids(&image).send().await.unwrap();
     assert_eq!(left.images().len(), 1, "team a's image was removed");
 }
+
+/// Credentials of every kind stay out of the operator's log, at every level and in
+/// both formats (the AWS SDK logs the access key ID at debug), and a log that is not
+/// a terminal has no colour codes.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_stay_out_of_logs_at_every_level() {
+    let _g = SERIAL.lock().await;
+    let mut a = Aws::new("log-secrets").await;
+    a.f.operator.kill();
+    let logs = a.f.env.dir.join("logs");
+    for (i, (format, level)) in [("text", "debug"), ("text", "trace"), ("json", "trace")]
+        .into_iter()
+        .enumerate()
+    {
+        let log = logs.join(format!("{}-{format}-{level}.log", a.f.ns));
+        let mut op = common::Operator::start_custom(
+            &a.f.operator_kubeconfig,
+            &a.f.ns,
+            &log,
+            &["--log-format", format],
+            &[("KILN_LOG", level)],
+        );
+        let name = format!("b{i}");
+        a.f.create(&a.build(&name, json!({}), shell(&["true"])))
+            .await
+            .unwrap();
+        a.f.wait_phase(&name, BuildPhase::Succeeded, Duration::from_secs(90))
+            .await;
+        op.kill();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.len() > 10_000,
+            "{format} {level}: the log is nearly empty"
+        );
+        for (what, needle) in [
+            ("the AWS access key ID", "AKIDTEST"),
+            ("the AWS secret key", "kiln-test-secret-key"),
+            ("a private key", "PRIVATE KEY"),
+            ("a colour code", "\u{1b}["),
+        ] {
+            assert!(
+                !text.contains(needle),
+                "{what} in the {format} log at {level} ({})",
+                log.display()
+            );
+        }
+    }
+}
