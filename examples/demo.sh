@@ -144,7 +144,8 @@ ca=$(k config view --raw --minify --flatten -o jsonpath='{.clusters[0].cluster.c
 )
 mkdir -p "$STATE/logs"
 KILN_METRICS_ADDR=127.0.0.1:0 KILN_LOG=${KILN_LOG:-info} \
-	"$KILN_BIN" run --namespace "$NS" --kubeconfig "$OP_KUBECONFIG" >"$OP_LOG" 2>&1 &
+	"$KILN_BIN" run --namespace "$NS" --kubeconfig "$OP_KUBECONFIG" \
+		--allowed-endpoints "$KILN_EC2_ENDPOINT" >"$OP_LOG" 2>&1 &
 OP_PID=$!
 echo "$OP_PID" >"$OP_PIDFILE"
 say "operator running (pid $OP_PID, log $OP_LOG)"

@@ -35,6 +35,11 @@ struct RunArgs {
     concurrency: u16,
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// URL prefixes `spec.builder.amazonEBS.endpoint` may start with, comma-separated
+    /// (e.g. `https://ec2.eu-west-1.amazonaws.com,https://vpce-`). An endpoint gets
+    /// requests signed with the operator's credentials; by default none is allowed.
+    #[arg(long, env = "KILN_ALLOWED_ENDPOINTS", value_delimiter = ',')]
+    allowed_endpoints: Vec<String>,
     /// How long running steps get to stop on SIGTERM.
     #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     shutdown_grace_seconds: u64,
@@ -174,6 +179,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
             metrics_addr: Some(args.metrics_addr).filter(|a| !a.is_empty()),
             leader_election,
+            policy: kiln::builders::Policy {
+                allowed_endpoints: args
+                    .allowed_endpoints
+                    .into_iter()
+                    .filter(|e| !e.is_empty())
+                    .collect(),
+            },
         },
     )
     .await

@@ -171,3 +171,42 @@ async fn credentials_stay_out_of_logs_at_every_level() {
         }
     }
 }
+
+/// Review A15: `endpoint` is a URL that receives requests signed with the
+/// operator's credentials, so a tenant may set one only when the installation
+/// allows it; otherwise the build is refused before anything is created, naming
+/// the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_is_refused_unless_the_operator_allows_it() {
+    let _g = SERIAL.lock().await;
+    let mut a = Aws::new("endpoint").await;
+    a.f.operator.kill();
+    let log =
+        a.f.env
+            .dir
+            .join("logs")
+            .join(format!("{}-strict.log", a.f.ns));
+    let _strict = common::Operator::start_custom(
+        &a.f.operator_kubeconfig,
+        &a.f.ns,
+        &log,
+        &[],
+        &[("KILN_ALLOWED_ENDPOINTS", "")],
+    );
+    a.ec2.control("DELETE", "/_kiln/calls", None);
+    a.f.create(&a.build("elsewhere", json!({}), shell(&["true"])))
+        .await
+        .unwrap();
+    let ib =
+        a.f.wait_phase("elsewhere", BuildPhase::Failed, Duration::from_secs(30))
+            .await;
+    let st = ib.status.unwrap();
+    let msg = st.message.unwrap();
+    assert!(
+        msg.contains("spec.builder.amazonEBS.endpoint") && msg.contains("not allowed"),
+        "{msg}"
+    );
+    assert!(st.steps.is_empty(), "nothing may run: {:?}", st.steps);
+    let calls = a.ec2.control("GET", "/_kiln/calls", None);
+    assert_eq!(calls["total"], 0, "the endpoint got requests: {calls}");
+}

@@ -22,6 +22,47 @@ pub enum PlanError {
     Invalid(String),
 }
 
+/// What the operator's installation allows a build to do beyond its schema.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// URL prefixes `spec.builder.amazonEBS.endpoint` may start with. Empty: no
+    /// endpoint may be set. An endpoint receives requests signed with the
+    /// operator's cloud credentials, so it is the installer's choice, not a tenant's.
+    pub allowed_endpoints: Vec<String>,
+}
+
+/// Whether a new build of this spec may start under the operator's policy. Only a
+/// new build is checked: a build that started under an older policy is still
+/// cleaned up with the spec it recorded.
+pub fn admit(spec: &ImageBuildSpec, policy: &Policy) -> Result<(), PlanError> {
+    let Some(endpoint) = spec
+        .builder
+        .amazon_ebs
+        .as_ref()
+        .and_then(|e| e.endpoint.as_ref())
+    else {
+        return Ok(());
+    };
+    if policy
+        .allowed_endpoints
+        .iter()
+        .any(|allowed| !allowed.is_empty() && endpoint.starts_with(allowed.as_str()))
+    {
+        return Ok(());
+    }
+    Err(PlanError::Invalid(format!(
+        "spec.builder.amazonEBS.endpoint: {endpoint:?} is not allowed by this kiln installation (it would receive requests signed with the operator's credentials); the operator allows {}",
+        if policy.allowed_endpoints.is_empty() {
+            "no endpoint (--allowed-endpoints, the chart's aws.allowedEndpoints)".to_string()
+        } else {
+            format!(
+                "endpoints starting with {}",
+                policy.allowed_endpoints.join(", ")
+            )
+        }
+    )))
+}
+
 pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
     match (&spec.builder.null, &spec.builder.amazon_ebs) {
         (Some(_), None) => null::plan(spec),

@@ -60,6 +60,8 @@ pub struct Settings {
     pub metrics_addr: Option<String>,
     /// Run the controller only while holding this Lease.
     pub leader_election: Option<leader::Settings>,
+    /// What a build may do beyond its schema (e.g. which endpoints it may name).
+    pub policy: builders::Policy,
 }
 
 struct Context {
@@ -71,6 +73,7 @@ struct Context {
     sink: Arc<dyn RecordSink>,
     /// Reconciles of a build that failed in a row, by uid: requeues back off by it.
     failures: Mutex<HashMap<String, u32>>,
+    policy: builders::Policy,
 }
 
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
@@ -123,6 +126,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             builds,
         }),
         failures: Mutex::default(),
+        policy: settings.policy.clone(),
     });
 
     // One Controller per watched namespace (or one for all); finished steps wake
@@ -439,9 +443,18 @@ async fn decide(
     // A new build uses the current spec; the build status records (possibly of an
     // older generation, being cleaned up) uses the spec it recorded, so that its steps
     // are undone by the code, region and credentials that made them.
-    let current = Planned::new(Arc::new(obj.spec.clone()));
+    let current = Planned::admitted(Arc::new(obj.spec.clone()), &ctx.policy);
     let recorded = recorded_spec(&old_status).map(Planned::new);
-    let recorded_view = recorded.as_ref().unwrap_or(&current);
+    // Without a recorded spec the current one stands in, unchecked by the policy:
+    // cleaning up what a build made is never refused.
+    let unchecked;
+    let recorded_view = match &recorded {
+        Some(r) => r,
+        None => {
+            unchecked = Planned::new(current.spec.clone());
+            &unchecked
+        }
+    };
     let current_needs = current.needs_cleanup();
     let recorded_needs = recorded_view.needs_cleanup();
     let spec_json = serde_json::to_value(&obj.spec).map_err(Error::Serialize)?;
@@ -762,6 +775,12 @@ struct Planned {
 impl Planned {
     fn new(spec: Arc<ImageBuildSpec>) -> Self {
         let plan = builders::plan(&spec);
+        Planned { spec, plan }
+    }
+
+    /// The plan of a spec a new build would run, under the operator's policy.
+    fn admitted(spec: Arc<ImageBuildSpec>, policy: &builders::Policy) -> Self {
+        let plan = builders::admit(&spec, policy).and_then(|()| builders::plan(&spec));
         Planned { spec, plan }
     }
 

@@ -272,6 +272,8 @@ impl Operator {
             .args(["--metrics-addr", &metrics])
             .args(extra)
             .env("KILN_LOG", "info,kiln=debug")
+            // The EC2 test server on loopback; a test may override it (empty: none).
+            .env("KILN_ALLOWED_ENDPOINTS", "http://127.0.0.1:")
             .envs(envs.iter().copied())
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
