@@ -210,3 +210,94 @@ async fn an_endpoint_is_refused_unless_the_operator_allows_it() {
     let calls = a.ec2.control("GET", "/_kiln/calls", None);
     assert_eq!(calls["total"], 0, "the endpoint got requests: {calls}");
 }
+
+/// Review A4: a Secret-sourced env value is masked in every sink (the operator log
+/// as text and JSON at debug and trace, status messages and conditions, Events) in
+/// the shapes line-by-line masking missed: a trailing newline (`kubectl create
+/// secret --from-file`), several lines, split across output chunks, and after the
+/// 8 KiB cut of an endless line.
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_values_are_masked_in_every_shape_and_sink() {
+    let mut f = common::Fixture::new("masking").await;
+    f.operator.kill();
+    let values = [
+        ("TRAILING", "hunter2-trailing\n"),
+        ("MULTI", "line-one-secret\nline-two-secret"),
+        ("SPLIT", "split-secret-value"),
+        ("LONG", &"Z".repeat(300)),
+    ];
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(f.client.clone(), &f.ns);
+    let data: serde_json::Map<String, Value> = values
+        .iter()
+        .map(|(k, v)| (k.to_lowercase(), json!(v)))
+        .collect();
+    secrets
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shapes"}, "stringData": data}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let env: Vec<Value> = values
+        .iter()
+        .map(|(k, _)| json!({"name": k, "valueFrom": {"secretKeyRef": {"name": "shapes", "key": k.to_lowercase()}}}))
+        .collect();
+    let script = [
+        r#"printf 'token is %s ok\n' "$TRAILING""#,
+        r#"printf 'multi: %s\n' "$MULTI""#,
+        r#"printf '%s' "$SPLIT" | head -c 6; sleep 0.5; printf '%s\n' "$SPLIT" | tail -c +7"#,
+        r#"head -c 8190 /dev/zero | tr '\0' x; printf '%s\n' "$LONG""#,
+        r#"printf '%s' "$TRAILING" >&2"#,
+        "exit 3",
+    ];
+    let needles = [
+        "hunter2-trailing",
+        "line-one-secret",
+        "line-two-secret",
+        "split-secret",
+        "secret-value",
+        "ZZZZZZZZZZ",
+    ];
+    let logs = f.env.dir.join("logs");
+    for (i, (format, level)) in [("text", "debug"), ("text", "trace"), ("json", "trace")]
+        .into_iter()
+        .enumerate()
+    {
+        let log = logs.join(format!("{}-{format}-{level}.log", f.ns));
+        let mut op = common::Operator::start_custom(
+            &f.operator_kubeconfig,
+            &f.ns,
+            &log,
+            &["--log-format", format],
+            &[("KILN_LOG", level)],
+        );
+        let name = format!("m{i}");
+        f.create(&f.null_build(&name, json!([{"shell": {"inline": script, "env": env}}])))
+            .await
+            .unwrap();
+        let ib = f
+            .wait_phase(&name, BuildPhase::Failed, Duration::from_secs(60))
+            .await;
+        // Let the background Event writes land.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        op.kill();
+        let status = serde_json::to_string(&ib.status).unwrap();
+        assert!(
+            status.contains("<redacted>"),
+            "the tail shows the masked output: {status}"
+        );
+        let events = serde_json::to_string(&f.events().await).unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        for (sink, body) in [("status", &status), ("events", &events), ("log", &text)] {
+            for n in needles {
+                assert!(
+                    !body.contains(n),
+                    "{n:?} in the {sink} ({format} log at {level}, {})",
+                    log.display()
+                );
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod connect;
 pub mod file;
+mod mask;
 pub mod shell;
 
 use std::collections::BTreeMap;

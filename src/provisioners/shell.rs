@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 
 use tokio_util::sync::CancellationToken;
 
+use super::mask::Masker;
 use super::{build_facts, connect, shell_quote};
 use crate::api::ShellProvisioner;
 use crate::communicator::ssh::{ExecResult, OutputStream, Session, SshError, unique_token};
@@ -171,7 +172,14 @@ impl ShellStep {
                 }
             }
         };
-        let last = tail.lock().unwrap_or_else(|p| p.into_inner()).render();
+        let last = {
+            let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+            // What the maskers still held: output that could have begun a value.
+            for (stream, line) in t.finish() {
+                tracing::info!(stream = ?stream, "{line}");
+            }
+            t.render()
+        };
         if self.spec.expect_disconnect
             && let Some(how) = expected_disconnect(&result)
         {
@@ -462,9 +470,10 @@ fn last_lines(tail: &str) -> String {
     }
 }
 
-/// Splits streamed chunks into lines, redacts secret values, keeps the last lines.
+/// Masks secret values in streamed chunks, splits them into lines, keeps the last lines.
 struct Tail {
-    secrets: Vec<String>,
+    /// One per stream: a value split across chunks is masked before any line is cut.
+    maskers: [Masker; 2],
     partial: [Vec<u8>; 2],
     lines: VecDeque<String>,
 }
@@ -472,7 +481,7 @@ struct Tail {
 impl Tail {
     fn new(secrets: Vec<String>) -> Self {
         Tail {
-            secrets,
+            maskers: [Masker::new(&secrets), Masker::new(&secrets)],
             partial: [Vec::new(), Vec::new()],
             lines: VecDeque::new(),
         }
@@ -480,31 +489,30 @@ impl Tail {
 
     fn push(&mut self, stream: OutputStream, data: &[u8]) -> Vec<String> {
         let i = usize::from(matches!(stream, OutputStream::Stderr));
-        self.partial[i].extend_from_slice(data);
+        let masked = self.maskers[i].push(data);
+        self.lines_of(i, &masked)
+    }
+
+    /// Splits masked output into lines.
+    fn lines_of(&mut self, i: usize, masked: &[u8]) -> Vec<String> {
+        self.partial[i].extend_from_slice(masked);
         let mut out = Vec::new();
         while let Some(pos) = self.partial[i].iter().position(|b| *b == b'\n') {
             let raw: Vec<u8> = self.partial[i].drain(..=pos).collect();
-            let line =
-                self.redact(String::from_utf8_lossy(&raw[..raw.len() - 1]).trim_end_matches('\r'));
+            let line = String::from_utf8_lossy(&raw[..raw.len() - 1])
+                .trim_end_matches('\r')
+                .to_string();
             self.keep(line.clone());
             out.push(line);
         }
         // Unbounded partial lines would let one endless line grow memory.
         if self.partial[i].len() > 8192 {
             let raw = std::mem::take(&mut self.partial[i]);
-            let line = self.redact(&String::from_utf8_lossy(&raw));
+            let line = String::from_utf8_lossy(&raw).to_string();
             self.keep(line.clone());
             out.push(line);
         }
         out
-    }
-
-    fn redact(&self, line: &str) -> String {
-        let mut l = line.to_string();
-        for s in &self.secrets {
-            l = l.replace(s.as_str(), "<redacted>");
-        }
-        l
     }
 
     fn keep(&mut self, line: String) {
@@ -514,12 +522,22 @@ impl Tail {
         }
     }
 
+    /// The complete lines the maskers still held at the end of the output.
+    fn finish(&mut self) -> Vec<(OutputStream, String)> {
+        let mut out = Vec::new();
+        for (i, stream) in [(0, OutputStream::Stdout), (1, OutputStream::Stderr)] {
+            let rest = self.maskers[i].flush();
+            out.extend(self.lines_of(i, &rest).into_iter().map(|l| (stream, l)));
+        }
+        out
+    }
+
     fn render(&mut self) -> String {
+        self.finish();
         for i in 0..2 {
             if !self.partial[i].is_empty() {
                 let raw = std::mem::take(&mut self.partial[i]);
-                let line = self.redact(&String::from_utf8_lossy(&raw));
-                self.keep(line);
+                self.keep(String::from_utf8_lossy(&raw).to_string());
             }
         }
         let mut s: String = self.lines.iter().map(|l| format!("{l}\n")).collect();
