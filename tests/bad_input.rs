@@ -349,3 +349,340 @@ async fn runtime_problems_fail_the_build_with_a_clear_message() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Invalid amazon-ebs fields, each refused by the apiserver with a message that
+/// names the field: (what, path under `spec.builder.amazonEBS`, value, what the
+/// message must contain). The table is what the schema checks; what only EC2 can
+/// tell is in `amazon_specs_refused_before_anything_is_created`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apiserver_refuses_invalid_amazon_specs_naming_the_field() {
+    let f = Fixture::new("schema-ebs").await;
+    let ec2 = common::Ec2Server::from_env(&f.env);
+    let base = common::ebs_build(&f, &ec2, "ami-0123abcd", "x", json!({}), shell(&["true"]));
+    let long = "a".repeat(300);
+    let cases: Vec<(&str, &[&str], Value, &[&str])> = vec![
+        ("empty region", &["region"], json!(""), &["region"]),
+        (
+            "region with spaces",
+            &["region"],
+            json!("eu west 1"),
+            &["region", "should match"],
+        ),
+        (
+            "region in capitals",
+            &["region"],
+            json!("EU-WEST-1"),
+            &["region", "should match"],
+        ),
+        (
+            "region too long",
+            &["region"],
+            json!(format!("eu-{long}-1")),
+            &["region"],
+        ),
+        (
+            "copy region malformed",
+            &["amiRegions"],
+            json!(["eu-west-1", "mars"]),
+            &["amiRegions[1]", "should match"],
+        ),
+        (
+            "copy region twice",
+            &["amiRegions"],
+            json!(["eu-west-1", "eu-west-1"]),
+            &["amiRegions[1]", "Duplicate"],
+        ),
+        (
+            "copy region empty",
+            &["amiRegions"],
+            json!([""]),
+            &["amiRegions[0]"],
+        ),
+        (
+            "sshCIDRs not a CIDR",
+            &["sshCIDRs"],
+            json!(["10.0.0.0/33"]),
+            &["sshCIDRs", "must be a CIDR"],
+        ),
+        (
+            "sshCIDRs a host",
+            &["sshCIDRs"],
+            json!(["10.0.0.1"]),
+            &["sshCIDRs", "must be a CIDR"],
+        ),
+        (
+            "sshCIDRs a word",
+            &["sshCIDRs"],
+            json!(["office"]),
+            &["sshCIDRs", "must be a CIDR"],
+        ),
+        ("sshCIDRs empty", &["sshCIDRs"], json!([]), &["sshCIDRs"]),
+        (
+            "manifest name with capitals",
+            &["manifestConfigMap", "name"],
+            json!("My_Manifest"),
+            &["manifestConfigMap.name", "should match"],
+        ),
+        (
+            "manifest name empty",
+            &["manifestConfigMap", "name"],
+            json!(""),
+            &["manifestConfigMap.name"],
+        ),
+        (
+            "credentials Secret name invalid",
+            &["credentials", "secretRef", "name"],
+            json!("aws creds"),
+            &["credentials.secretRef.name", "should match"],
+        ),
+        (
+            "no instance type",
+            &["instanceType"],
+            json!(""),
+            &["instanceType"],
+        ),
+        (
+            "AMI name too short",
+            &["amiName"],
+            json!("ab"),
+            &["amiName"],
+        ),
+        (
+            "AMI name too long",
+            &["amiName"],
+            json!("a".repeat(129)),
+            &["amiName"],
+        ),
+        (
+            "source AMI malformed",
+            &["sourceAMI"],
+            json!("image-1"),
+            &["sourceAMI", "should match"],
+        ),
+        (
+            "source AMI and filter",
+            &["sourceAMIFilter"],
+            json!({"owners": ["self"]}),
+            &["exactly one of sourceAMI or sourceAMIFilter"],
+        ),
+        (
+            "endpoint not a URL",
+            &["endpoint"],
+            json!("ec2.local"),
+            &["endpoint", "should match"],
+        ),
+        (
+            "reserved tag",
+            &["tags"],
+            json!({"kiln.dev/build-uid": "x"}),
+            &["tags", "reserved"],
+        ),
+        (
+            "AWS tag",
+            &["snapshotTags"],
+            json!({"aws:x": "y"}),
+            &["snapshotTags", "reserved"],
+        ),
+        (
+            "reserved run tag",
+            &["runTags"],
+            json!({"kiln.dev/generation": "1"}),
+            &["runTags", "reserved"],
+        ),
+        (
+            "too many tags",
+            &["tags"],
+            json!(
+                (0..46)
+                    .map(|i| (format!("k{i}"), json!("v")))
+                    .collect::<serde_json::Map<_, _>>()
+            ),
+            &["tags"],
+        ),
+        (
+            "wait timeout too long a number",
+            &["waitTimeout"],
+            json!("5000000000s"),
+            &["waitTimeout", "must be a duration"],
+        ),
+        (
+            "poll interval in days",
+            &["pollInterval"],
+            json!("1d"),
+            &["pollInterval", "must be a duration"],
+        ),
+        (
+            "unknown SSH interface",
+            &["sshInterface"],
+            json!("ipv6"),
+            &["sshInterface", "Unsupported value"],
+        ),
+        (
+            "volume size zero",
+            &["blockDeviceMappings"],
+            json!([{"deviceName": "/dev/sdf", "volumeSize": 0}]),
+            &["blockDeviceMappings[0].volumeSize"],
+        ),
+        (
+            "device name relative",
+            &["blockDeviceMappings"],
+            json!([{"deviceName": "sdf"}]),
+            &["blockDeviceMappings[0].deviceName"],
+        ),
+        (
+            "AMI description too long",
+            &["amiDescription"],
+            json!("d".repeat(256)),
+            &["amiDescription"],
+        ),
+        (
+            "user data too long",
+            &["userData"],
+            json!("u".repeat(16385)),
+            &["userData"],
+        ),
+        (
+            "filter without owners",
+            &["sourceAMIFilter"],
+            json!({"filters": {"name": "x"}}),
+            &["sourceAMIFilter", "owners is required"],
+        ),
+        (
+            "too many owners",
+            &["sourceAMIFilter"],
+            json!({"owners": vec!["self"; 51]}),
+            &["sourceAMIFilter.owners"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, (what, path, value, expect)) in cases.iter().enumerate() {
+        let mut obj = base.clone();
+        set(&mut obj, &["metadata", "name"], json!(format!("ebs-{i}")));
+        let ebs = walk(&mut obj, &["spec", "builder", "amazonEBS"]);
+        if *what == "source AMI and filter" {
+            // Both set: keep sourceAMI.
+        } else if path[0] == "sourceAMIFilter" {
+            ebs.as_object_mut().unwrap().remove("sourceAMI");
+        }
+        let mut at = ebs;
+        for p in &path[..path.len() - 1] {
+            if at.get(*p).is_none() {
+                at[*p] = json!({});
+            }
+            at = at.get_mut(*p).unwrap();
+        }
+        at[path[path.len() - 1]] = value.clone();
+        match f.create_raw(&obj).await {
+            Ok(()) => failures.push(format!("{what}: accepted")),
+            Err(kube::Error::Api(s)) => {
+                for e in *expect {
+                    if !s.message.contains(e) {
+                        failures.push(format!("{what}: message lacks {e:?}: {}", s.message));
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("{what}: {e}")),
+        }
+    }
+    println!(
+        "FIGURES: {} amazon-ebs specs refused at admission",
+        cases.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// What the schema cannot know, refused by the plan (at once, no step runs) or by
+/// `pre-validate` (the first step, before anything is created), naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn amazon_specs_refused_before_anything_is_created() {
+    let f = Fixture::new("early-ebs").await;
+    let ec2 = common::Ec2Server::from_env(&f.env);
+    let ami = common::aws_setup(&f, &ec2).await;
+    let build =
+        |name: &str, ebs: Value| common::ebs_build(&f, &ec2, &ami, name, ebs, shell(&["true"]));
+    let huge = "echo ".to_string() + &"x".repeat(1000);
+    let mut too_big = build("too-big", json!({}));
+    too_big["spec"]["provisioners"] = json!([{"shell": {"inline": vec![huge; 800]}}]);
+    let cases: Vec<(&str, Value, &[&str], bool)> = vec![
+        (
+            "unknown-variable",
+            build(
+                "unknown-variable",
+                json!({"amiName": "web-{{ build.time }}"}),
+            ),
+            &[
+                "spec.builder.amazonEBS.amiName",
+                "unknown variable {{ build.time }}",
+            ],
+            true,
+        ),
+        ("too-big", too_big, &["spec:", "KiB", "ConfigMap"], true),
+        (
+            "no-such-region",
+            build("no-such-region", json!({"region": "us-nowhere-9"})),
+            &["spec.builder.amazonEBS.region", "us-nowhere-9"],
+            false,
+        ),
+        (
+            "no-such-copy-region",
+            build(
+                "no-such-copy-region",
+                json!({"amiRegions": ["eu-west-1", "xx-nowhere-1"]}),
+            ),
+            &["spec.builder.amazonEBS.amiRegions[1]", "xx-nowhere-1"],
+            false,
+        ),
+        (
+            "no-such-subnet",
+            build(
+                "no-such-subnet",
+                json!({"subnetId": "subnet-0000000000000000"}),
+            ),
+            &["spec.builder.amazonEBS.subnetId", "not found"],
+            false,
+        ),
+        (
+            "no-such-group",
+            build(
+                "no-such-group",
+                json!({"securityGroupIds": ["sg-00000000000000000"]}),
+            ),
+            &[
+                "spec.builder.amazonEBS.securityGroupIds",
+                "sg-00000000000000000",
+                "not found",
+            ],
+            false,
+        ),
+    ];
+    for (name, obj, _, _) in &cases {
+        f.create(obj)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, _, expect, at_once) in &cases {
+        let ib = f
+            .wait_phase(name, BuildPhase::Failed, Duration::from_secs(45))
+            .await;
+        let st = ib.status.clone().unwrap();
+        let msg = st.message.clone().unwrap_or_default();
+        for e in *expect {
+            assert!(msg.contains(e), "{name}: message lacks {e:?}: {msg}");
+        }
+        if *at_once {
+            assert!(st.steps.is_empty(), "{name}: a step ran: {:?}", st.steps);
+        } else {
+            let failed: Vec<_> = st
+                .steps
+                .iter()
+                .filter(|s| s.phase != kiln::api::StepPhase::Pending)
+                .map(|s| s.name.as_str())
+                .collect();
+            assert_eq!(
+                failed,
+                ["pre-validate"],
+                "{name}: nothing but pre-validate may run"
+            );
+        }
+    }
+}

@@ -100,14 +100,21 @@ pub struct NullBuilder {}
     "(has(self.sourceAMI) ? 1 : 0) + (has(self.sourceAMIFilter) ? 1 : 0) == 1"
 ).message("exactly one of sourceAMI or sourceAMIFilter must be set"))]
 pub struct AmazonEbsBuilder {
-    #[schemars(length(min = 1))]
+    /// Region of the build instance and of the first AMI, e.g. `eu-west-1`.
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+    )]
     pub region: String,
+    /// Cloud credentials from a Secret of the ImageBuild's namespace; without
+    /// it the operator's own AWS identity (IRSA, Pod Identity, instance role).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<AwsCredentials>,
     /// Override of the EC2 endpoint (private endpoints, test servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub endpoint: Option<String>,
+    /// The source image ID (`ami-…`); or `sourceAMIFilter`.
     #[serde(rename = "sourceAMI", default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^ami-[0-9a-f]+$"))]
     pub source_ami: Option<String>,
@@ -117,34 +124,52 @@ pub struct AmazonEbsBuilder {
         skip_serializing_if = "Option::is_none"
     )]
     pub source_ami_filter: Option<SourceAmiFilter>,
+    /// EC2 instance type of the build instance, e.g. `t3.micro`.
     #[schemars(length(min = 1))]
     pub instance_type: String,
     /// Name of the image; `{{ build.timestamp }}` and `{{ build.name }}` are expanded.
     #[serde(rename = "amiName")]
     #[schemars(length(min = 3, max = 128))]
     pub ami_name: String,
+    /// Further regions to copy the AMI to, one `copy-image-<region>` step each.
     #[serde(rename = "amiRegions", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 30),
+        inner(length(max = 32), regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))
+    )]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Set)]
     pub ami_regions: Vec<String>,
+    /// Subnet of the build instance (checked in `pre-validate`); never deleted.
+    /// Without it, the region's default VPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_id: Option<String>,
+    /// Security groups to use as they are (checked in `pre-validate`, never
+    /// deleted); without them kiln makes a temporary group for SSH from `sshCIDRs`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_group_ids: Vec<String>,
+    /// An existing key pair to launch with (never deleted); needs
+    /// `communicator.ssh.privateKeySecretRef`. Without it kiln makes a temporary one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_pair_name: Option<String>,
     /// Tags of the image (and its copies). Keys `kiln.dev/*` and `aws:*` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 45))]
     #[x_kube(validation = reserved_tags_rule())]
     pub tags: BTreeMap<String, String>,
     /// Tags of the build instance and its volumes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 45))]
     #[x_kube(validation = reserved_tags_rule())]
     pub run_tags: BTreeMap<String, String>,
     /// Tags of the image's snapshots.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 45))]
     #[x_kube(validation = reserved_tags_rule())]
     pub snapshot_tags: BTreeMap<String, String>,
+    /// Encrypt the AMI copies (with `kmsKeyId`, or the account's default key).
     #[serde(default)]
     pub encrypt_boot: bool,
+    /// KMS key for `encryptBoot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms_key_id: Option<String>,
     /// Deregister an existing AMI of the same name before creating the new one.
@@ -153,6 +178,7 @@ pub struct AmazonEbsBuilder {
     /// With `forceDeregister`, also delete that AMI's snapshots.
     #[serde(default)]
     pub force_delete_snapshot: bool,
+    /// Description of the AMI and of its copies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 255))]
     pub ami_description: Option<String>,
@@ -161,8 +187,11 @@ pub struct AmazonEbsBuilder {
     pub ssh_interface: SshInterface,
     /// Source CIDRs allowed to SSH in through the temporary security group.
     #[serde(rename = "sshCIDRs", default = "default_ssh_cidrs")]
-    #[schemars(length(min = 1, max = 50))]
+    #[schemars(length(min = 1, max = 50), inner(length(max = 64)))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(c, isCIDR(c))")
+        .message("each entry must be a CIDR such as 203.0.113.0/24 or 2001:db8::/32"))]
     pub ssh_cidrs: Vec<String>,
+    /// User data for the build instance, as plain text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16384))]
     pub user_data: Option<String>,
@@ -220,16 +249,21 @@ pub enum SshInterface {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct BlockDevice {
+    /// Device name, e.g. `/dev/sda1` (the source AMI's root device changes the root volume).
     #[schemars(regex(pattern = r"^/dev/[a-z0-9]+$"))]
     pub device_name: String,
+    /// Size in GiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65536))]
     pub volume_size: Option<i32>,
+    /// EBS volume type, e.g. `gp3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 16))]
     pub volume_type: Option<String>,
+    /// Delete the volume with the instance; with `false` kiln's cleanup deletes it.
     #[serde(default = "default_true")]
     pub delete_on_termination: bool,
+    /// Encrypt the volume (unset: the account's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
 }
@@ -271,37 +305,53 @@ pub struct SourceAmiFilter {
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 pub struct LocalObjectRef {
-    #[schemars(length(min = 1, max = 253))]
+    /// Name of the object in the ImageBuild's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
 }
 
 /// A key of a Secret or ConfigMap in the ImageBuild's namespace.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 pub struct KeyRef {
-    #[schemars(length(min = 1, max = 253))]
+    /// Name of the object in the ImageBuild's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
-    #[schemars(length(min = 1, max = 253))]
+    /// The key in it.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 
 /// A Secret key whose key has a conventional default.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 pub struct SecretKeyRefDefaulted {
-    #[schemars(length(min = 1, max = 253))]
+    /// Name of the Secret in the ImageBuild's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
+    /// The key in it (each field documents its default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: Option<String>,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
 pub struct Communicator {
+    /// SSH to the build machine.
     pub ssh: SshCommunicator,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SshCommunicator {
+    /// User to log in as, e.g. `ubuntu`.
     #[schemars(length(min = 1, max = 64))]
     pub username: String,
     /// Address of the machine. Required for the null builder; for cloud builders it
@@ -309,6 +359,7 @@ pub struct SshCommunicator {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub host: Option<String>,
+    /// SSH port of the build machine.
     #[serde(default = "default_ssh_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
@@ -359,8 +410,10 @@ pub struct HostKeyPolicy {
     "(has(self.shell) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1"
 ).message("each provisioner must set exactly one of shell or file"))]
 pub struct Provisioner {
+    /// Run a script on the build machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<ShellProvisioner>,
+    /// Write a file on the build machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileProvisioner>,
 }
@@ -380,6 +433,7 @@ pub struct ShellProvisioner {
     /// A script from a ConfigMap key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script_from: Option<ScriptSource>,
+    /// Environment of the script; values from Secrets are masked in all output.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub env: Vec<EnvVar>,
@@ -410,8 +464,10 @@ pub struct ScriptSource {
     "(has(self.value) ? 1 : 0) + (has(self.valueFrom) ? 1 : 0) == 1"
 ).message("set exactly one of value or valueFrom"))]
 pub struct EnvVar {
+    /// Variable name (a shell identifier).
     #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"), length(max = 128))]
     pub name: String,
+    /// A plain value, recorded in status like the rest of the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
     /// A value from a Secret key; never logged or shown in status.
@@ -431,6 +487,7 @@ pub struct FileProvisioner {
     /// Absolute path on the build machine.
     #[schemars(regex(pattern = r"^/"), length(min = 2, max = 4096))]
     pub destination: String,
+    /// Where the content comes from.
     pub from: FileSource,
     /// Octal permission bits, e.g. `"0644"`.
     #[serde(default = "default_file_mode")]

@@ -13,6 +13,7 @@ pub struct ImageBuildStatus {
     /// The generation whose build `steps` describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Pending`, `Running`, `CleaningUp`, `Succeeded` or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<BuildPhase>,
     /// Name of the step running now (or being cleaned up), for `kubectl get`.
@@ -21,9 +22,11 @@ pub struct ImageBuildStatus {
     /// Human-readable summary of where the build stands or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// `Ready`, `Reconciling` and `Stalled`, for `kubectl wait`, kstatus and GitOps tools.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// One record per step of the build of `observedGeneration`, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepRecord>,
     /// Images of the builds that succeeded, this and earlier generations (bounded
@@ -45,8 +48,10 @@ pub struct ImageBuildStatus {
     /// `artifactPolicy: Delete`; retried until done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_removal: Option<ArtifactRemoval>,
+    /// When the build of `observedGeneration` started (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// When it reached `Succeeded` or `Failed`; cleared when a new build starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
     /// The spec the build of `observedGeneration` runs with, recorded when that build
@@ -101,10 +106,14 @@ impl BuildPhase {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct StepRecord {
+    /// Step name: `connect`, `shell-1`, `instance`, `copy-image-eu-west-1`, …
     pub name: String,
+    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Cancelled`.
     pub phase: StepPhase,
+    /// When the step first started; kept when a restarted operator resumes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
+    /// When the step finished, failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
     /// How many times `run` was started; more than one means the operator resumed it.
@@ -116,10 +125,12 @@ pub struct StepRecord {
     /// Non-secret facts later steps use (addresses, IDs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outputs: BTreeMap<String, String>,
+    /// `Pending` (owed, or never started), `Done` or `NotNeeded`.
     pub cleanup: CleanupPhase,
     /// How many times `cleanup` was started; retries back off by this count.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cleanup_attempts: u32,
+    /// What happened, or why the step failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Why the last cleanup attempt failed, while it is being retried.
@@ -143,11 +154,15 @@ pub struct StepRecord {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ArtifactRemoval {
+    /// `Pending` while it runs or is retried, `Done`.
     pub phase: CleanupPhase,
+    /// How many times it was started.
     #[serde(default)]
     pub attempts: u32,
+    /// How many attempts failed; retries back off by it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failures: u32,
+    /// When the next attempt may start after a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<Time>,
     /// What was removed, or why the last attempt failed.
@@ -209,7 +224,9 @@ pub enum CleanupPhase {
 pub struct ResourceRecord {
     /// e.g. KeyPair, SecurityGroup, Instance, Image, Snapshot, Secret.
     pub kind: String,
+    /// The resource's ID or name.
     pub id: String,
+    /// Its cloud region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// True only when kiln made it; only those are ever deleted.
@@ -221,15 +238,21 @@ pub struct ResourceRecord {
 pub struct Artifact {
     /// The generation that produced it.
     pub generation: i64,
+    /// The builder that made it, e.g. `amazon-ebs`.
     pub builder: String,
+    /// Region of the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// The image ID (an AMI ID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
+    /// The image's snapshots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshot_ids: Vec<String>,
+    /// The image it was built from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_image_id: Option<String>,
+    /// When kiln saw the image available.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<Time>,
 }

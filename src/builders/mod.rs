@@ -63,7 +63,20 @@ pub fn admit(spec: &ImageBuildSpec, policy: &Policy) -> Result<(), PlanError> {
     )))
 }
 
+/// The largest spec a build accepts: status records a copy (`status.buildSpec`), and
+/// the object with both must stay well inside etcd's 1.5 MiB request limit. A larger
+/// one used to be admitted and then fail every status write, with no status at all.
+pub const MAX_SPEC_BYTES: usize = 512 * 1024;
+
 pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
+    let size = serde_json::to_vec(spec).map_or(0, |v| v.len());
+    if size > MAX_SPEC_BYTES {
+        return Err(PlanError::Invalid(format!(
+            "spec: {} KiB, more than the {} KiB kiln can record in status; move long scripts and files to ConfigMaps (shell scriptFrom, file from)",
+            size / 1024,
+            MAX_SPEC_BYTES / 1024
+        )));
+    }
     match (&spec.builder.null, &spec.builder.amazon_ebs) {
         (Some(_), None) => null::plan(spec),
         (None, Some(_)) => amazon::plan(spec),

@@ -271,6 +271,9 @@ fn start_build(d: &mut Decision, input: &Input<'_>, now: &Time) {
         }
         Err(why) => {
             s.steps = Vec::new();
+            // Nothing to clean up with it; and a spec refused for its size must not
+            // make this status write too large as well.
+            s.build_spec = None;
             s.phase = Some(BuildPhase::Failed);
             s.completed_at = Some(now.clone());
             s.message = Some(truncate(why));

@@ -42,6 +42,18 @@ pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
     // Refused before anything is created: a value the schema admits but kiln cannot
     // use would otherwise fail after the instance is launched.
     waits(ebs).map_err(|e| PlanError::Invalid(e.to_string()))?;
+    let expanded = expand_name(&ebs.ami_name, "n", "ns", 1, 0);
+    if let Some(start) = expanded.find("{{") {
+        let unknown = expanded[start..]
+            .split("}}")
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("{{")
+            .trim();
+        return Err(PlanError::Invalid(format!(
+            "spec.builder.amazonEBS.amiName: unknown variable {{{{ {unknown} }}}}; known: build.timestamp, build.name, build.namespace, build.generation"
+        )));
+    }
     // Also for objects admitted before the schema required it.
     if let Some(f) = &ebs.source_ami_filter
         && f.owners.is_empty()

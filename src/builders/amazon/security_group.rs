@@ -89,7 +89,15 @@ impl Step for SecurityGroupStep {
                 .from_port(i32::from(ctx.spec.communicator.ssh.port))
                 .to_port(i32::from(ctx.spec.communicator.ssh.port));
             for cidr in &ebs.ssh_cidrs {
-                perm = perm.ip_ranges(aws_sdk_ec2::types::IpRange::builder().cidr_ip(cidr).build());
+                perm = if cidr.contains(':') {
+                    perm.ipv6_ranges(
+                        aws_sdk_ec2::types::Ipv6Range::builder()
+                            .cidr_ipv6(cidr)
+                            .build(),
+                    )
+                } else {
+                    perm.ip_ranges(aws_sdk_ec2::types::IpRange::builder().cidr_ip(cidr).build())
+                };
             }
             if let Err(e) = ec2
                 .client

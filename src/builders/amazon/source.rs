@@ -36,35 +36,39 @@ impl Step for PreValidate {
                     "spec.builder.amazonEBS.amiName: {name:?} is not a valid AMI name (3-128 characters: letters, digits, ( ) [ ] . / - ' @ _ and spaces)"
                 )));
             }
-            if ebs.force_deregister {
-                let mut regions = vec![ebs.region.clone()];
-                regions.extend(ebs.ami_regions.iter().cloned());
-                for region in regions {
-                    let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+            let mut regions = vec![("region".to_string(), ebs.region.clone())];
+            for (i, r) in ebs.ami_regions.iter().enumerate() {
+                regions.push((format!("amiRegions[{i}]"), r.clone()));
+            }
+            for (field, region) in regions {
+                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                // The first call in a region also tells whether the region exists.
+                let found = ec2
+                    .client
+                    .describe_images()
+                    .owners("self")
+                    .filters(filter("name", name.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        let e = super::AwsError::from_sdk("DescribeImages", e);
+                        StepError::Failed(format!(
+                            "spec.builder.amazonEBS.{field}: region {region:?}: {e}"
+                        ))
+                    })?;
+                if ebs.force_deregister {
                     super::image::check_replaceable(&ec2, &name, &ctx.facts).await?;
+                    continue;
                 }
-            } else {
-                let mut regions = vec![ebs.region.clone()];
-                regions.extend(ebs.ami_regions.iter().cloned());
-                for region in regions {
-                    let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
-                    let found = ec2
-                        .client
-                        .describe_images()
-                        .owners("self")
-                        .filters(filter("name", name.clone()))
-                        .send()
-                        .await
-                        .map_err(|e| super::AwsError::from_sdk("DescribeImages", e).fail())?;
-                    let ids: Vec<_> = found.images().iter().filter_map(|i| i.image_id()).collect();
-                    if !ids.is_empty() {
-                        return Err(StepError::Failed(format!(
-                            "spec.builder.amazonEBS.amiName: an AMI named {name:?} already exists in {region} ({}); set forceDeregister: true to replace it",
-                            ids.join(", ")
-                        )));
-                    }
+                let ids: Vec<_> = found.images().iter().filter_map(|i| i.image_id()).collect();
+                if !ids.is_empty() {
+                    return Err(StepError::Failed(format!(
+                        "spec.builder.amazonEBS.amiName: an AMI named {name:?} already exists in {region} ({}); set forceDeregister: true to replace it",
+                        ids.join(", ")
+                    )));
                 }
             }
+            check_given_network(ebs, &ctx.client, &ctx.facts.namespace).await?;
             let mut o = StepOutput {
                 message: Some(format!("AMI name {name:?} is free")),
                 ..Default::default()
@@ -126,6 +130,84 @@ async fn newest_match(
         .and_then(|i| i.image_id())
         .map(str::to_string)
         .ok_or_else(|| StepError::Failed("DescribeImages returned an image without an ID".into()))
+}
+
+/// The subnet and security groups the spec names exist in the build region: checked
+/// before anything is created rather than when the instance is launched.
+async fn check_given_network(
+    ebs: &crate::api::AmazonEbsBuilder,
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<(), StepError> {
+    if ebs.subnet_id.is_none() && ebs.security_group_ids.is_empty() {
+        return Ok(());
+    }
+    let ec2 = Ec2::new(ebs, client, namespace, &ebs.region).await?;
+    if let Some(subnet) = &ebs.subnet_id {
+        let r = ec2
+            .client
+            .describe_subnets()
+            .subnet_ids(subnet)
+            .send()
+            .await;
+        let found = match r {
+            Ok(r) => !r.subnets().is_empty(),
+            Err(e) => {
+                let e = super::AwsError::from_sdk("DescribeSubnets", e);
+                if e.is_not_found() || e.code.ends_with(".Malformed") {
+                    false
+                } else {
+                    return Err(e.fail());
+                }
+            }
+        };
+        if !found {
+            return Err(StepError::Failed(format!(
+                "spec.builder.amazonEBS.subnetId: subnet {subnet} not found in {}",
+                ebs.region
+            )));
+        }
+    }
+    if !ebs.security_group_ids.is_empty() {
+        let r = ec2
+            .client
+            .describe_security_groups()
+            .set_group_ids(Some(ebs.security_group_ids.clone()))
+            .send()
+            .await;
+        let found: Vec<String> = match r {
+            Ok(r) => r
+                .security_groups()
+                .iter()
+                .filter_map(|g| g.group_id().map(str::to_string))
+                .collect(),
+            Err(e) => {
+                let e = super::AwsError::from_sdk("DescribeSecurityGroups", e);
+                if e.is_not_found() || e.code.ends_with(".Malformed") {
+                    Vec::new()
+                } else {
+                    return Err(e.fail());
+                }
+            }
+        };
+        let missing: Vec<&String> = ebs
+            .security_group_ids
+            .iter()
+            .filter(|g| !found.contains(g))
+            .collect();
+        if !missing.is_empty() {
+            return Err(StepError::Failed(format!(
+                "spec.builder.amazonEBS.securityGroupIds: {} not found in {}",
+                missing
+                    .iter()
+                    .map(|g| g.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                ebs.region
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub struct SourceImage;
