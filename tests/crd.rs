@@ -43,5 +43,8 @@ fn every_field_has_its_own_description() {
     }
     walk(&schema["spec"], "spec", &mut missing);
     walk(&schema["status"], "status", &mut missing);
-    assert!(missing.is_empty(), "fields without a description: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:#?}"
+    );
 }

@@ -288,7 +288,19 @@ async fn secret_values_are_masked_in_every_shape_and_sink() {
             status.contains("<redacted>"),
             "the tail shows the masked output: {status}"
         );
-        let events = serde_json::to_string(&f.events().await).unwrap();
+        let all = f.events().await;
+        // The failure's note (a long output tail) fits the apiserver's 1 KiB limit:
+        // the Event exists (review A8: such Events were refused and lost).
+        assert!(
+            all.iter().any(|e| e.reason.as_deref() == Some("StepFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                && e.note.as_ref().is_some_and(|n| n.len() <= 1024)),
+            "no StepFailed event for {name}: {:?}",
+            all.iter()
+                .map(|e| (e.reason.clone(), e.note.as_ref().map(String::len)))
+                .collect::<Vec<_>>()
+        );
+        let events = serde_json::to_string(&all).unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         for (sink, body) in [("status", &status), ("events", &events), ("log", &text)] {
             for n in needles {
@@ -300,4 +312,47 @@ async fn secret_values_are_masked_in_every_shape_and_sink() {
             }
         }
     }
+}
+
+/// Review A14: `encryptBoot` encrypts the AMI in the build region too, as Packer's
+/// does: the instance is captured as an unencrypted intermediate, copied encrypted
+/// to `amiName`, and the intermediate and its snapshots are removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypt_boot_encrypts_the_image_in_the_build_region() {
+    let _g = SERIAL.lock().await;
+    let a = Aws::new("encrypt").await;
+    let name = format!("{}-encrypted", a.f.ns);
+    a.f.create(&a.build(
+        "sealed",
+        json!({"amiName": name, "encryptBoot": true, "kmsKeyId": "alias/kiln-test", "amiRegions": ["eu-west-1"]}),
+        shell(&["true"]),
+    ))
+    .await
+    .unwrap();
+    let ib =
+        a.f.wait_phase("sealed", BuildPhase::Succeeded, Duration::from_secs(120))
+            .await;
+    let uid = ib.uid().unwrap();
+    let st = ib.status.unwrap();
+    assert_eq!(st.artifacts.len(), 2, "{:?}", st.artifacts);
+    for art in &st.artifacts {
+        let region = art.region.as_deref().unwrap();
+        let images = a.images(&uid, region).await;
+        assert_eq!(
+            images.len(),
+            1,
+            "{region}: only the encrypted image is left: {images:?}"
+        );
+        let img = &images[0];
+        assert_eq!(img.image_id(), art.image_id.as_deref());
+        assert_eq!(img.name(), Some(name.as_str()));
+        let ebs = img.block_device_mappings()[0].ebs().unwrap();
+        assert_eq!(ebs.encrypted(), Some(true), "{region}: {img:?}");
+        assert!(
+            ebs.kms_key_id().is_some_and(|k| k.contains("kiln-test")),
+            "{region}: {img:?}"
+        );
+    }
+    let leaks = a.leaks(&uid, &["us-east-1", "eu-west-1"]).await;
+    assert!(leaks.is_empty(), "leaked: {leaks:?}");
 }

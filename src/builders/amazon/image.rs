@@ -165,6 +165,7 @@ async fn capture(
     ec2: &Ec2,
     w: &super::Waits,
     id: &str,
+    artifact: bool,
 ) -> Result<StepOutput, StepError> {
     let ebs = ebs(&ctx.spec)?;
     ctx.record(ResourceRecord {
@@ -190,6 +191,10 @@ async fn capture(
         message: Some(format!("{id} is available in {}", ec2.region)),
         ..Default::default()
     };
+    if !artifact {
+        o.outputs.insert(out::IMAGE_ID.into(), id.to_string());
+        return Ok(o);
+    }
     o.artifacts.push(Artifact {
         generation: ctx.facts.generation,
         builder: KIND.into(),
@@ -485,7 +490,18 @@ where
     Err(e.fail())
 }
 
-pub struct CreateImage;
+/// Captures the instance as an AMI. With `encryptBoot`, as Packer does, this is an
+/// unencrypted intermediate under a name of kiln's (see [`intermediate_name`]):
+/// `encrypt-image` then copies it, encrypted, to `amiName` in the same region, and
+/// this step's cleanup removes the intermediate whatever the outcome.
+pub struct CreateImage {
+    pub encrypt: bool,
+}
+
+/// The name of the unencrypted intermediate image of an encrypted build.
+fn intermediate_name(facts: &BuildFacts) -> String {
+    format!("kiln-{}-{}-unencrypted", facts.uid, facts.generation)
+}
 
 impl Step for CreateImage {
     fn name(&self) -> &str {
@@ -496,7 +512,11 @@ impl Step for CreateImage {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;
             let w = waits(ebs)?;
-            let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
+            let name = if self.encrypt {
+                intermediate_name(&ctx.facts)
+            } else {
+                output(&ctx.outputs, out::AMI_NAME)?.clone()
+            };
             let instance = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
             let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
             let id = ensure_image(&ec2, &name, &ctx.facts, || async {
@@ -513,7 +533,7 @@ impl Step for CreateImage {
                 Ok(r.image_id().map(str::to_string))
             })
             .await?;
-            let mut o = capture(ctx, &ec2, &w, &id).await?;
+            let mut o = capture(ctx, &ec2, &w, &id, !self.encrypt).await?;
             o.outputs.insert(out::IMAGE_ID.into(), id);
             Ok(o)
         })
@@ -521,8 +541,19 @@ impl Step for CreateImage {
 
     fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let region = ebs(&ctx.spec)?.region.clone();
-            remove_images(ctx, &region).await
+            let ebs = ebs(&ctx.spec)?;
+            if !self.encrypt {
+                return remove_images(ctx, &ebs.region).await;
+            }
+            // The intermediate is temporary: removed after success too. Only it: the
+            // encrypted image carries the same tags, so nothing is found by tag here.
+            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let mut doomed = Doomed::recorded(&ctx.record, &ebs.region, &ebs.region);
+            if let Named::Ours(id) = named(&ec2, &intermediate_name(&ctx.facts), &ctx.facts).await?
+            {
+                doomed.add_image(&id);
+            }
+            doomed.remove(&ec2).await.map(|_| ())
         })
     }
 
@@ -531,6 +562,9 @@ impl Step for CreateImage {
     }
 }
 
+/// Copies the image to `region`: to each of `amiRegions`, and as `encrypt-image`
+/// into the build region itself (encrypted, replacing the intermediate: later copies
+/// are made from it).
 pub struct CopyImage {
     pub name: String,
     pub region: String,
@@ -542,7 +576,11 @@ impl Step for CopyImage {
     }
 
     fn kind(&self) -> &str {
-        "copy-image"
+        if self.name == "encrypt-image" {
+            "encrypt-image"
+        } else {
+            "copy-image"
+        }
     }
 
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
@@ -562,7 +600,7 @@ impl Step for CopyImage {
                     .client_token(client_token(
                         &ctx.facts.uid,
                         ctx.facts.generation,
-                        &format!("copy-{}", self.region),
+                        &self.name,
                     ))
                     .set_tag_specifications(Some(image_tags(&ctx.facts, ebs)))
                     .set_description(ebs.ami_description.clone());
@@ -579,7 +617,11 @@ impl Step for CopyImage {
                 Ok(r.image_id().map(str::to_string))
             })
             .await?;
-            capture(ctx, &ec2, &w, &id).await
+            let mut o = capture(ctx, &ec2, &w, &id, true).await?;
+            if self.region == ebs.region {
+                o.outputs.insert(out::IMAGE_ID.into(), id);
+            }
+            Ok(o)
         })
     }
 

@@ -88,7 +88,14 @@ pub fn plan(spec: &ImageBuildSpec) -> Result<Plan, PlanError> {
     if ebs.force_deregister {
         steps.push(Arc::new(image::DeregisterExisting));
     }
-    steps.push(Arc::new(image::CreateImage));
+    let encrypt = ebs.encrypt_boot || ebs.kms_key_id.is_some();
+    steps.push(Arc::new(image::CreateImage { encrypt }));
+    if encrypt {
+        steps.push(Arc::new(image::CopyImage {
+            name: "encrypt-image".into(),
+            region: ebs.region.clone(),
+        }));
+    }
     let mut seen = vec![ebs.region.clone()];
     for region in &ebs.ami_regions {
         if seen.contains(region) {
