@@ -332,12 +332,26 @@ async fn a_shifted_step_list_cleans_up_the_old_generation_with_its_own_steps() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kept_images_of_a_shifted_step_list_are_removed_in_their_own_regions() {
     let a = Aws::new("sup-kept").await;
+    // An immutable ConfigMap of that name: the last step, `manifest`, cannot write it
+    // and fails.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(a.f.client.clone(), &a.f.ns);
+    cms.create(
+        &Default::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "frozen-manifest"},
+            "immutable": true,
+            "data": {"manifest.json": "{}"},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
     let mut spec1 = a.build(
         "kept",
         json!({
             "amiRegions": ["eu-west-1"],
-            // Not a valid ConfigMap name: the last step, `manifest`, fails.
-            "manifestConfigMap": {"name": "Not_A_ConfigMap_Name"},
+            "manifestConfigMap": {"name": "frozen-manifest"},
         }),
         json!([quick("true")]),
     );
