@@ -200,22 +200,30 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
         let mut obj = base.clone();
         set(&mut obj, &["metadata", "name"], json!(format!("bad-{i}")));
         edit(&mut obj);
-        match f.create_raw(&obj).await {
-            Ok(()) => failures.push(format!("{what}: accepted")),
-            Err(kube::Error::Api(s)) => {
-                for e in *expect {
-                    if !s.message.contains(e) {
-                        failures.push(format!("{what}: message lacks {e:?}: {}", s.message));
-                    }
-                }
-                if s.code != 422 {
-                    failures.push(format!("{what}: code {} ({})", s.code, s.message));
-                }
-            }
-            Err(e) => failures.push(format!("{what}: {e}")),
-        }
+        failures.extend(refusal_problems(&f, &obj, what, expect).await);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// What is wrong with the apiserver's refusal of `obj`: none when it refuses it as
+/// invalid (422) with a message containing each of `expect`.
+async fn refusal_problems(f: &Fixture, obj: &Value, what: &str, expect: &[&str]) -> Vec<String> {
+    let mut problems = Vec::new();
+    match f.create_raw(obj).await {
+        Ok(()) => problems.push(format!("{what}: accepted")),
+        Err(kube::Error::Api(s)) => {
+            for e in expect {
+                if !s.message.contains(e) {
+                    problems.push(format!("{what}: message lacks {e:?}: {}", s.message));
+                }
+            }
+            if s.code != 422 {
+                problems.push(format!("{what}: code {} ({})", s.code, s.message));
+            }
+        }
+        Err(e) => problems.push(format!("{what}: {e}")),
+    }
+    problems
 }
 
 async fn fails_with(f: &Fixture, name: &str, obj: Value, expect: &[&str]) {
@@ -572,17 +580,7 @@ async fn the_apiserver_refuses_invalid_amazon_specs_naming_the_field() {
             at = at.get_mut(*p).unwrap();
         }
         at[path[path.len() - 1]] = value.clone();
-        match f.create_raw(&obj).await {
-            Ok(()) => failures.push(format!("{what}: accepted")),
-            Err(kube::Error::Api(s)) => {
-                for e in *expect {
-                    if !s.message.contains(e) {
-                        failures.push(format!("{what}: message lacks {e:?}: {}", s.message));
-                    }
-                }
-            }
-            Err(e) => failures.push(format!("{what}: {e}")),
-        }
+        failures.extend(refusal_problems(&f, &obj, what, expect).await);
     }
     println!(
         "FIGURES: {} amazon-ebs specs refused at admission",

@@ -29,7 +29,7 @@ use crate::api::{
 use crate::builders::{self, PlanError};
 use crate::communicator::pool::SessionPool;
 use crate::engine::advance::{self, Action, Input, PlanView, TaskKind, TaskState};
-use crate::engine::runner::{Runner, WakeKey, Work};
+use crate::engine::runner::{Runner, WakeKey, Work, exponential};
 use crate::engine::{
     BuildFacts, BuildOutcome, CleanupContext, Plan, RecordError, RecordSink, Step, StepContext,
 };
@@ -306,8 +306,7 @@ fn error_policy(obj: Arc<ImageBuild>, err: &Error, ctx: Arc<Context>) -> Requeue
 }
 
 fn error_backoff(failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(8);
-    (Duration::from_secs(2) * (1u32 << exp)).min(Duration::from_secs(300))
+    exponential(Duration::from_secs(2), failures, Duration::from_secs(300))
 }
 
 /// A conflict is retried at once the first time (someone wrote since; common and
@@ -317,8 +316,11 @@ fn conflict_backoff(failures: u32) -> Duration {
     if failures <= 1 {
         return Duration::ZERO;
     }
-    let exp = (failures - 2).min(8);
-    (Duration::from_millis(100) * (1u32 << exp)).min(Duration::from_secs(30))
+    exponential(
+        Duration::from_millis(100),
+        failures - 1,
+        Duration::from_secs(30),
+    )
 }
 
 fn failed_again(ctx: &Context, uid: &str) -> u32 {

@@ -268,8 +268,18 @@ async fn unpanicked<T>(
 
 /// Exponential backoff with a cap; cleanup must keep trying, but not hammer the API.
 pub fn backoff(attempt: u32) -> Duration {
-    let exp = attempt.saturating_sub(1).min(8);
-    Duration::from_millis(500u64 << exp).min(Duration::from_secs(120))
+    exponential(
+        Duration::from_millis(500),
+        attempt,
+        Duration::from_secs(120),
+    )
+}
+
+/// `first`, doubled for each try after the first (`n` counts from 1), up to `cap`:
+/// the one shape of every backoff kiln uses.
+pub fn exponential(first: Duration, n: u32, cap: Duration) -> Duration {
+    let exp = n.saturating_sub(1).min(8);
+    (first * (1u32 << exp)).min(cap)
 }
 
 #[cfg(test)]

@@ -233,18 +233,10 @@ impl Doomed {
     /// What the record names in `region` (a record without a region is the build
     /// region's, as older kilns wrote them).
     fn recorded(record: &crate::api::StepRecord, region: &str, build_region: &str) -> Doomed {
-        let mut d = Doomed::default();
-        for r in record.resources.iter().filter(|r| r.created) {
-            if r.region.as_deref().unwrap_or(build_region) != region {
-                continue;
-            }
-            match r.kind.as_str() {
-                "Image" => d.add_image(&r.id),
-                "Snapshot" => d.add_snapshot(&r.id),
-                _ => {}
-            }
+        Doomed {
+            images: super::recorded_in(record, "Image", region, build_region),
+            snapshots: super::recorded_in(record, "Snapshot", region, build_region),
         }
-        d
     }
 
     /// Adds this build's images and snapshots that carry kiln's tags in `ec2`'s
