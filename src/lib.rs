@@ -7,6 +7,7 @@ pub mod controller;
 pub mod engine;
 pub mod leader;
 pub mod metrics;
+pub mod pipeline;
 pub mod provisioners;
 pub mod refs;
 pub mod serve;

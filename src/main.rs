@@ -20,8 +20,11 @@ struct Cli {
 enum Command {
     /// Run the operator.
     Run(RunArgs),
-    /// Print the ImageBuild CustomResourceDefinition as YAML.
-    Crd,
+    /// Print kiln's CustomResourceDefinitions as YAML (both, or the one named).
+    Crd {
+        #[arg(value_enum)]
+        kind: Option<CrdKind>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -69,6 +72,12 @@ struct RunArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum CrdKind {
+    Imagebuild,
+    Imagepipeline,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -77,8 +86,16 @@ enum LogFormat {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => {
-            print!("{}", kiln::api::crd_yaml()?);
+        Command::Crd { kind } => {
+            match kind {
+                Some(CrdKind::Imagebuild) => print!("{}", kiln::api::crd_yaml()?),
+                Some(CrdKind::Imagepipeline) => print!("{}", kiln::api::pipeline_crd_yaml()?),
+                None => print!(
+                    "{}---\n{}",
+                    kiln::api::crd_yaml()?,
+                    kiln::api::pipeline_crd_yaml()?
+                ),
+            }
             Ok(())
         }
         Command::Run(args) => {

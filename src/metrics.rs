@@ -161,16 +161,19 @@ impl Metrics {
     }
 
     pub fn reconciled(&self, ok: bool, took: Duration) {
+        self.reconciled_by(CONTROLLER, ok, took);
+    }
+
+    /// A reconcile of the given controller (`imagebuild`, `imagepipeline`).
+    pub fn reconciled_by(&self, controller: &'static str, ok: bool, took: Duration) {
         self.reconciles
             .get_or_create(&ReconcileLabels {
-                controller: CONTROLLER,
+                controller,
                 result: if ok { "ok" } else { "error" },
             })
             .inc();
         self.reconcile_duration
-            .get_or_create(&ControllerLabels {
-                controller: CONTROLLER,
-            })
+            .get_or_create(&ControllerLabels { controller })
             .observe(took.as_secs_f64());
     }
 

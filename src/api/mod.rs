@@ -4,6 +4,7 @@
 //! committed YAML drifts from what `kiln crd` prints.
 
 pub mod duration;
+mod pipeline;
 mod status;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use pipeline::*;
 pub use status::*;
 
 pub const GROUP: &str = "kiln.dev";
@@ -18,6 +20,12 @@ pub const FINALIZER: &str = "kiln.dev/cleanup";
 pub const BUILD_UID_TAG: &str = "kiln.dev/build-uid";
 /// Tag naming the ImageBuild (`namespace/name`) a resource was made for.
 pub const BUILD_TAG: &str = "kiln.dev/build";
+/// Tag of an image: the image it was built from.
+pub const SOURCE_IMAGE_TAG: &str = "kiln.dev/source-image";
+/// Tag of a pipeline's image: the ImagePipeline (`namespace/name`).
+pub const PIPELINE_TAG: &str = "kiln.dev/pipeline";
+/// Tag of a pipeline's image: its version number.
+pub const PIPELINE_VERSION_TAG: &str = "kiln.dev/pipeline-version";
 
 /// A machine image build: launch a build machine from a source image, provision it
 /// over SSH, capture an image, and remove every temporary resource kiln created.
@@ -533,7 +541,12 @@ pub enum ArtifactPolicy {
     Delete,
 }
 
-/// The CRD as YAML, as `kiln crd` prints it and `crds/` holds it.
+/// The ImageBuild CRD as YAML, as `kiln crd imagebuild` prints it and `crds/` holds it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&ImageBuild::crd())
+}
+
+/// The ImagePipeline CRD as YAML, as `kiln crd imagepipeline` prints it.
+pub fn pipeline_crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&ImagePipeline::crd())
 }

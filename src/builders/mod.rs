@@ -93,6 +93,40 @@ pub fn artifact_remover(spec: &ImageBuildSpec) -> Option<std::sync::Arc<dyn crat
     }
 }
 
+/// Whether builds of this spec can run again and again (a pipeline's template):
+/// each must name its image differently, or the second one fails on the name.
+pub fn repeatable(spec: &ImageBuildSpec) -> Result<(), PlanError> {
+    match &spec.builder.amazon_ebs {
+        Some(ebs) => amazon::repeatable(ebs),
+        None => Ok(()),
+    }
+}
+
+/// The source image a build of this spec would start from now, for builders that
+/// have one (`None` for the null builder): a pipeline's `onSourceChange` compares it
+/// with the source of its latest version.
+pub async fn current_source(
+    spec: &ImageBuildSpec,
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Option<String>, crate::engine::StepError> {
+    match &spec.builder.amazon_ebs {
+        Some(ebs) => amazon::current_source(ebs, client, namespace)
+            .await
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Fixes the source image of a build of this spec to `image` (one `current_source`
+/// returned), so that what the build starts from is what the pipeline decided on.
+pub fn pin_source(spec: &mut ImageBuildSpec, image: &str) {
+    if let Some(ebs) = &mut spec.builder.amazon_ebs {
+        ebs.source_ami = Some(image.to_string());
+        ebs.source_ami_filter = None;
+    }
+}
+
 /// Secrets (in the build's namespace) that cleaning up a build of this spec reads:
 /// kiln holds them with a finalizer while there is anything to clean up.
 pub fn cleanup_secrets(spec: &ImageBuildSpec) -> Vec<String> {

@@ -2,7 +2,7 @@
 //! events, and the glue between [`engine::advance`] and the [`Runner`].
 
 mod known;
-mod status;
+pub(crate) mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -158,6 +158,21 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 .boxed(),
         );
     }
+    // The pipelines' controllers, under the same leadership and shutdown.
+    let pipelines = crate::pipeline::controllers(
+        &client,
+        &settings.namespaces,
+        settings.concurrency,
+        &settings.policy,
+        Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        &stop,
+    );
     tokio::spawn(transitions(
         wake_rx,
         wakers,
@@ -189,11 +204,15 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         });
     }
     tracing::info!(namespaces = ?settings.namespaces, "kiln controller starting");
-    let controllers = futures::stream::select_all(controllers).for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "reconcile loop");
-        }
+    let builds = controllers.into_iter().map(|c| {
+        c.map(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        })
+        .boxed()
     });
+    let controllers = futures::stream::select_all(builds.chain(pipelines)).for_each(|()| async {});
     match &mut leadership {
         Some(l) => {
             tokio::select! {
@@ -602,6 +621,7 @@ async fn decide(
                     uid: uid.to_string(),
                     generation: key.generation,
                     builder: spec.builder.kind(),
+                    lineage: lineage_of(obj),
                 });
                 let regions = regions_of(
                     &decision.status,
@@ -644,6 +664,7 @@ async fn decide(
                     uid: uid.to_string(),
                     generation: key.generation,
                     builder: source.spec.builder.kind(),
+                    lineage: lineage_of(obj),
                 });
                 let rec = decision.status.steps.get(key.index).cloned();
                 let span = info_span!("step", namespace = %ns, build = %name, step = %step.name(), kind = ?key.kind);
@@ -731,6 +752,20 @@ async fn decide(
         requeue = Requeue::requeue(Duration::from_secs(300));
     }
     Ok(requeue)
+}
+
+/// The pipeline version a build's images are: its controlling ImagePipeline (an
+/// ownerReference, which only its creator sets) and its sequence label.
+fn lineage_of(obj: &ImageBuild) -> Option<crate::engine::Lineage> {
+    let owner = obj
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "ImagePipeline")?;
+    let version = obj.labels().get(crate::api::SEQUENCE_LABEL)?.parse().ok()?;
+    Some(crate::engine::Lineage {
+        pipeline: owner.name.clone(),
+        version,
+    })
 }
 
 /// Drops everything this process holds about a build that is gone.
@@ -881,7 +916,7 @@ async fn publish(
 
 /// The apiserver refuses an Event whose note is longer than 1024 bytes, and the
 /// longest notes (a failed script's last output) are the most useful: cut them.
-fn event_note(mut note: String) -> String {
+pub(crate) fn event_note(mut note: String) -> String {
     const LIMIT: usize = 1024;
     if note.len() <= LIMIT {
         return note;

@@ -33,10 +33,11 @@ pub async fn apply(
         .await
 }
 
-pub async fn add_finalizer(
-    api: &Api<ImageBuild>,
-    obj: &ImageBuild,
-) -> Result<ImageBuild, kube::Error> {
+/// Adds kiln's finalizer, conditional on the resourceVersion it was decided from.
+pub async fn add_finalizer<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let patch = if obj.finalizers().is_empty() {
         json!([
             {"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()},
@@ -55,7 +56,10 @@ pub async fn add_finalizer(
         .await
 }
 
-pub async fn remove_finalizer(api: &Api<ImageBuild>, obj: &ImageBuild) -> Result<(), kube::Error> {
+pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let Some(i) = obj.finalizers().iter().position(|f| f == FINALIZER) else {
         return Ok(());
     };

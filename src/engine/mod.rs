@@ -28,6 +28,16 @@ pub struct BuildFacts {
     pub uid: String,
     pub generation: i64,
     pub builder: &'static str,
+    /// The ImagePipeline that made this ImageBuild and the version its images get.
+    pub lineage: Option<Lineage>,
+}
+
+/// Which pipeline version a build's images are: tagged on them, and exported to
+/// provisioners as `KILN_PIPELINE` and `KILN_PIPELINE_VERSION`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    pub pipeline: String,
+    pub version: i64,
 }
 
 /// What a step needs while it runs.

@@ -352,6 +352,7 @@ mod tests {
                 uid: "u-1".into(),
                 generation: 1,
                 builder: "null",
+                lineage: None,
             }),
             spec: Arc::new(spec),
             client: kube::Client::try_from(config).unwrap(),

@@ -25,6 +25,10 @@ pub fn build_facts(ctx: &StepContext) -> BTreeMap<String, String> {
     env.insert("KILN_BUILD_UID".into(), f.uid.clone());
     env.insert("KILN_BUILD_GENERATION".into(), f.generation.to_string());
     env.insert("KILN_BUILDER".into(), f.builder.to_string());
+    if let Some(l) = &f.lineage {
+        env.insert("KILN_PIPELINE".into(), l.pipeline.clone());
+        env.insert("KILN_PIPELINE_VERSION".into(), l.version.to_string());
+    }
     env.insert("KILN_STEP".into(), ctx.step_name.clone());
     env
 }

@@ -128,8 +128,11 @@ pub async fn apply_yaml(client: &Client, text: &str) {
 /// that acts as the operator's ServiceAccount.
 pub async fn install(env: &TestEnv) -> PathBuf {
     let client = env.admin().await;
-    let crd = std::fs::read_to_string(repo_root().join("crds/imagebuilds.kiln.dev.yaml")).unwrap();
-    apply_yaml(&client, &crd).await;
+    for kind in ["imagebuilds", "imagepipelines"] {
+        let crd = std::fs::read_to_string(repo_root().join(format!("crds/{kind}.kiln.dev.yaml")))
+            .unwrap();
+        apply_yaml(&client, &crd).await;
+    }
     // Every manifest of config/rbac, the namespace first: what the operator may do
     // in tests is exactly what a kustomize install grants.
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("config/rbac"))
@@ -146,16 +149,18 @@ pub async fn install(env: &TestEnv) -> PathBuf {
         apply_yaml(&client, &text).await;
     }
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    wait_until(Duration::from_secs(30), "CRD established", || async {
-        let c = crds.get("imagebuilds.kiln.dev").await.ok()?;
-        let ok = c
-            .status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        ok.then_some(())
-    })
-    .await;
+    for name in ["imagebuilds.kiln.dev", "imagepipelines.kiln.dev"] {
+        wait_until(Duration::from_secs(30), "CRD established", || async {
+            let c = crds.get(name).await.ok()?;
+            let ok = c
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            ok.then_some(())
+        })
+        .await;
+    }
 
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "kiln-system");
     let req = TokenRequest {

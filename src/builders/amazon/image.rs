@@ -12,7 +12,10 @@ use kube::api::{Patch, PatchParams};
 use super::{
     AwsError, Ec2, KIND, client_token, ebs, filter, out, output, tag_spec, tags, wait_for, waits,
 };
-use crate::api::{Artifact, BUILD_TAG, BUILD_UID_TAG, ResourceRecord};
+use crate::api::{
+    Artifact, BUILD_TAG, BUILD_UID_TAG, PIPELINE_TAG, PIPELINE_VERSION_TAG, ResourceRecord,
+    SOURCE_IMAGE_TAG,
+};
 use crate::engine::{
     BuildFacts, BuildOutcome, CleanupContext, Step, StepContext, StepError, StepOutput,
 };
@@ -394,15 +397,31 @@ impl Step for RemoveArtifacts {
 
 /// Tags of a new image and of its snapshots, given in the create call: cleanup finds
 /// a snapshot by them even when its image never became available.
+///
+/// The image also carries its lineage: the source image it was built from and, for
+/// a pipeline's build, the pipeline and version, so that "which base was this built
+/// from" and "which versions were built from a base" are answered from EC2 alone.
 fn image_tags(
     facts: &BuildFacts,
     ebs: &crate::api::AmazonEbsBuilder,
+    source: Option<&String>,
 ) -> Vec<aws_sdk_ec2::types::TagSpecification> {
+    let mut image = tags(facts, &ebs.tags);
+    let mut lineage = Vec::new();
+    if let Some(source) = source {
+        lineage.push((SOURCE_IMAGE_TAG, source.clone()));
+    }
+    if let Some(l) = &facts.lineage {
+        lineage.push((PIPELINE_TAG, format!("{}/{}", facts.namespace, l.pipeline)));
+        lineage.push((PIPELINE_VERSION_TAG, l.version.to_string()));
+    }
+    image.extend(
+        lineage
+            .into_iter()
+            .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build()),
+    );
     vec![
-        tag_spec(
-            aws_sdk_ec2::types::ResourceType::Image,
-            &tags(facts, &ebs.tags),
-        ),
+        tag_spec(aws_sdk_ec2::types::ResourceType::Image, &image),
         tag_spec(
             aws_sdk_ec2::types::ResourceType::Snapshot,
             &tags(facts, &ebs.snapshot_tags),
@@ -517,7 +536,11 @@ impl Step for CreateImage {
                     .create_image()
                     .instance_id(&instance)
                     .name(&name)
-                    .set_tag_specifications(Some(image_tags(&ctx.facts, ebs)))
+                    .set_tag_specifications(Some(image_tags(
+                        &ctx.facts,
+                        ebs,
+                        ctx.outputs.get(out::SOURCE_AMI),
+                    )))
                     .set_description(ebs.ami_description.clone())
                     .send()
                     .await
@@ -594,7 +617,11 @@ impl Step for CopyImage {
                         ctx.facts.generation,
                         &self.name,
                     ))
-                    .set_tag_specifications(Some(image_tags(&ctx.facts, ebs)))
+                    .set_tag_specifications(Some(image_tags(
+                        &ctx.facts,
+                        ebs,
+                        ctx.outputs.get(out::SOURCE_AMI),
+                    )))
                     .set_description(ebs.ami_description.clone());
                 if ebs.encrypt_boot || ebs.kms_key_id.is_some() {
                     req = req.encrypted(true);

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 pub use client::{AwsError, Ec2, http_client};
 pub use image::RemoveArtifacts;
+pub use source::current_source;
 
 use super::{PlanError, provisioner_steps};
 use crate::api::{AmazonEbsBuilder, ImageBuildSpec, duration};
@@ -234,6 +235,21 @@ fn poll_delay(poll: Duration, waited: Duration) -> Duration {
 }
 
 /// Expands `{{ build.timestamp }}`, `{{ build.name }}` and friends in the AMI name.
+/// Every build of a pipeline gets its own AMI name only if the name varies by build.
+pub fn repeatable(ebs: &crate::api::AmazonEbsBuilder) -> Result<(), PlanError> {
+    let varies = ["build.name", "build.timestamp"].iter().any(|k| {
+        ebs.ami_name.contains(&format!("{{{{ {k} }}}}"))
+            || ebs.ami_name.contains(&format!("{{{{{k}}}}}"))
+    });
+    if varies {
+        return Ok(());
+    }
+    Err(PlanError::Invalid(format!(
+        "spec.builder.amazonEBS.amiName: {:?} is the same for every build of the pipeline, so its second build would find the name taken; include {{{{ build.name }}}} (e.g. \"web-{{{{ build.name }}}}\")",
+        ebs.ami_name
+    )))
+}
+
 pub fn expand_name(
     template: &str,
     build_name: &str,

@@ -132,6 +132,25 @@ async fn newest_match(
         .ok_or_else(|| StepError::Failed("DescribeImages returned an image without an ID".into()))
 }
 
+/// The image a build of `ebs` would start from now: the newest match of
+/// `sourceAMIFilter`, or `sourceAMI` itself. What a pipeline's `onSourceChange` watches.
+pub async fn current_source(
+    ebs: &crate::api::AmazonEbsBuilder,
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<String, StepError> {
+    match (&ebs.source_ami, &ebs.source_ami_filter) {
+        (Some(id), _) => Ok(id.clone()),
+        (None, Some(f)) => {
+            let ec2 = Ec2::new(ebs, client, namespace, &ebs.region).await?;
+            newest_match(&ec2, f, &ebs.region).await
+        }
+        (None, None) => Err(StepError::Failed(
+            "spec.builder.amazonEBS: set sourceAMI or sourceAMIFilter".into(),
+        )),
+    }
+}
+
 /// The subnet and security groups the spec names exist in the build region: checked
 /// before anything is created rather than when the instance is launched.
 async fn check_given_network(
