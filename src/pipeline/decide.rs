@@ -713,8 +713,10 @@ impl Decider<'_> {
                 .filter(|v| v.retired && !v.removed())
                 .count();
             let builds = self.input.builds.len();
-            let release = self.input.spec.artifact_policy == ArtifactPolicy::Retain
-                || (left == 0 && builds == 0);
+            // A removal retention already decided is finished first, whatever the
+            // policy: those images were dropped, and nothing would remove them later.
+            let release = left == 0
+                && (self.input.spec.artifact_policy == ArtifactPolicy::Retain || builds == 0);
             if release {
                 self.st.message = Some("deleted; finalizer released".into());
                 if !self
@@ -730,7 +732,7 @@ impl Decider<'_> {
                 self.actions.push(Action::RemoveFinalizer);
             } else {
                 self.st.message = Some(format!(
-                    "deleting (artifactPolicy: Delete): {builds} ImageBuilds and the images of {left} versions left"
+                    "deleting: {builds} ImageBuilds and the images of {left} versions left to remove"
                 ));
             }
         }
