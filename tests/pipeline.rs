@@ -208,8 +208,8 @@ async fn an_interval_builds_on_time_and_retention_keeps_two_versions_and_the_pin
         versions(s).contains(&4) && s.versions.iter().filter(|v| v.removed()).count() >= 1
     })
     .await;
-    // On time: a scheduled build is decided within a second of a multiple of
-    // `every` after the pipeline's creation.
+    // On time: a scheduled build is decided within two seconds of a multiple of
+    // `every` after the pipeline's creation (status times have whole seconds).
     let born = pipelines(f)
         .get("web")
         .await
@@ -228,7 +228,7 @@ async fn an_interval_builds_on_time_and_retention_keeps_two_versions_and_the_pin
         let after = b.decided_at.0.duration_since(born).as_secs_f64();
         let k = (after / every.as_secs_f64()).round();
         assert!(
-            k >= 1.0 && (after - k * every.as_secs_f64()).abs() < 1.0,
+            k >= 1.0 && (after - k * every.as_secs_f64()).abs() < 2.0,
             "build {} decided {after:.2}s after creation, not on a multiple of {every:?}",
             b.name
         );
@@ -369,10 +369,8 @@ async fn a_newer_matching_source_image_builds_and_another_does_not() {
     )
     .await;
     let took = published.elapsed();
-    assert!(
-        took < Duration::from_secs(2) + Duration::from_millis(1500),
-        "{took:?}"
-    );
+    // Within one check interval (2 s), with slack for a loaded machine.
+    assert!(took < Duration::from_secs(2 + 3), "{took:?}");
     let b = st.builds.iter().find(|b| b.sequence == 2).unwrap();
     assert_eq!(b.trigger, "source");
     assert_eq!(b.source_image.as_deref(), Some(newer.as_str()));
