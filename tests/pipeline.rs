@@ -704,3 +704,52 @@ async fn deleting_a_pipeline_removes_or_keeps_its_images_by_its_artifact_policy(
         }
     }
 }
+
+/// The moment the random kills can miss: the operator stops right after it wrote a
+/// decided build to status and before it created the ImageBuild. The restarted
+/// operator creates that very build (its name), and no other.
+#[tokio::test]
+async fn a_build_decided_before_a_crash_is_created_once_under_its_name() {
+    let mut f = Fixture::new("ipl-crash").await;
+    let build = f.null_build("t", shell(&["true"]));
+    create(&f, &pipeline(&f, "crash", &build, json!({}))).await;
+    wait_status(&f, "crash", Duration::from_secs(60), "version 1", |s| {
+        s.latest_version == Some(1)
+    })
+    .await;
+    f.operator.kill();
+    let st = status(&f, "crash").await;
+    let mut builds = serde_json::to_value(&st.builds).unwrap();
+    builds.as_array_mut().unwrap().push(json!({
+        "name": "crash-2",
+        "sequence": 2,
+        "trigger": "schedule",
+        "decidedAt": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now()
+        ),
+        "settled": false,
+    }));
+    pipelines(&f)
+        .patch_status(
+            "crash",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"sequence": 2, "builds": builds}})),
+        )
+        .await
+        .unwrap();
+    f.restart_operator();
+    let st = wait_status(&f, "crash", Duration::from_secs(60), "version 2", |s| {
+        s.latest_version == Some(2)
+    })
+    .await;
+    assert_eq!(st.sequence, 2, "{:?}", st.builds);
+    let mut names: Vec<String> = builds_of(&f, "crash")
+        .await
+        .iter()
+        .map(|b| b.name_any())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["crash-1", "crash-2"]);
+    assert_eq!(st.versions[1].build, "crash-2");
+    assert_eq!(st.versions[1].trigger, "schedule");
+}
