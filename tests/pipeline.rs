@@ -753,3 +753,213 @@ async fn a_build_decided_before_a_crash_is_created_once_under_its_name() {
     assert_eq!(st.versions[1].build, "crash-2");
     assert_eq!(st.versions[1].trigger, "schedule");
 }
+
+/// Creates a pipeline from raw JSON, so that schema refusals are the apiserver's.
+async fn create_raw(f: &Fixture, obj: &Value) -> Result<(), kube::Error> {
+    let ar = kube::core::ApiResource::erase::<ImagePipeline>(&());
+    let api: Api<kube::core::DynamicObject> = Api::namespaced_with(f.client.clone(), &f.ns, &ar);
+    let o: kube::core::DynamicObject = serde_json::from_value(obj.clone()).unwrap();
+    api.create(&PostParams::default(), &o).await.map(|_| ())
+}
+
+/// What the schema can say, the apiserver says, naming the field.
+#[tokio::test]
+async fn the_apiserver_refuses_invalid_pipelines_naming_the_field() {
+    let f = Fixture::new("ipl-schema").await;
+    let build = f.null_build("t", shell(&["true"]));
+    let base = serde_json::to_value(pipeline(&f, "x", &build, json!({}))).unwrap();
+    let ebs = json!({"amazonEBS": {"region": "us-east-1", "sourceAMI": "ami-0123", "instanceType": "t3.micro", "amiName": "web-{{ build.name }}"}});
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        (
+            "cron and every",
+            json!({"schedule": {"cron": "@daily", "every": "1h"}}),
+            &["spec.schedule", "exactly one of cron or every"],
+        ),
+        (
+            "neither cron nor every",
+            json!({"schedule": {}}),
+            &["spec.schedule", "exactly one of cron or every"],
+        ),
+        (
+            "timeZone without cron",
+            json!({"schedule": {"every": "1h", "timeZone": "Europe/Berlin"}}),
+            &["spec.schedule", "timeZone applies to cron only"],
+        ),
+        (
+            "malformed every",
+            json!({"schedule": {"every": "six hours"}}),
+            &["spec.schedule.every"],
+        ),
+        (
+            "malformed checkInterval",
+            json!({"onSourceChange": {"checkInterval": "hourly"}}),
+            &["spec.onSourceChange.checkInterval"],
+        ),
+        (
+            "malformed startingDeadline",
+            json!({"startingDeadline": "soon"}),
+            &["spec.startingDeadline"],
+        ),
+        (
+            "unknown concurrencyPolicy",
+            json!({"concurrencyPolicy": "Allow"}),
+            &["spec.concurrencyPolicy", "Unsupported value"],
+        ),
+        (
+            "keep 0",
+            json!({"imageRetention": {"keep": 0}}),
+            &["spec.imageRetention.keep"],
+        ),
+        (
+            "keep 31",
+            json!({"imageRetention": {"keep": 31}}),
+            &["spec.imageRetention.keep"],
+        ),
+        (
+            "pinnedVersion 0",
+            json!({"pinnedVersion": 0}),
+            &["spec.pinnedVersion"],
+        ),
+        (
+            "history over 100",
+            json!({"buildHistoryLimit": {"succeeded": 101}}),
+            &["spec.buildHistoryLimit.succeeded"],
+        ),
+        (
+            "Delete without retention",
+            json!({"artifactPolicy": "Delete"}),
+            &["artifactPolicy: Delete needs imageRetention"],
+        ),
+        (
+            "onSourceChange with the null builder",
+            json!({"onSourceChange": {}}),
+            &["onSourceChange needs a builder with a source image"],
+        ),
+        (
+            "a kiln.dev/ label",
+            json!({"template": {"metadata": {"labels": {"kiln.dev/pipeline": "other"}}}}),
+            &["spec.template.metadata.labels", "kiln.dev/"],
+        ),
+        (
+            "the template's own artifactPolicy",
+            json!({"template": {"spec": {"artifactPolicy": "Delete"}}}),
+            &["template.spec.artifactPolicy must be Retain"],
+        ),
+        (
+            "an invalid template",
+            json!({"template": {"spec": {"builder": {"null": {}, "amazonEBS": ebs["amazonEBS"]}}}}),
+            &["spec.template.spec.builder", "exactly one builder"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, (what, patch, expect)) in cases.iter().enumerate() {
+        let mut obj = base.clone();
+        obj["metadata"]["name"] = json!(format!("bad-{i}"));
+        merge(&mut obj["spec"], patch);
+        match create_raw(&f, &obj).await {
+            Ok(()) => failures.push(format!("{what}: accepted")),
+            Err(kube::Error::Api(s)) => {
+                for e in *expect {
+                    if !s.message.contains(e) {
+                        failures.push(format!("{what}: message lacks {e:?}: {}", s.message));
+                    }
+                }
+                if s.code != 422 {
+                    failures.push(format!("{what}: code {}", s.code));
+                }
+            }
+            Err(e) => failures.push(format!("{what}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                merge(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+/// What only the operator can tell stalls the pipeline before any ImageBuild is
+/// created, with a message that names the field.
+#[tokio::test]
+async fn pipelines_the_operator_cannot_run_stall_before_any_build_naming_the_field() {
+    let _g = SERIAL.lock().await;
+    let a = Aws::new("ipl-stall").await;
+    let f = &a.f;
+    let null = f.null_build("t", shell(&["true"]));
+    let ebs = a.build("t", json!({}), shell(&["true"]));
+    let long = "l".repeat(64);
+    let cases: Vec<(String, &Value, Value, &str)> = vec![
+        (
+            "cron".into(),
+            &null,
+            json!({"schedule": {"cron": "61 * * * *"}}),
+            "spec.schedule.cron: minute field \"61\"",
+        ),
+        (
+            "zone".into(),
+            &null,
+            json!({"schedule": {"cron": "@daily", "timeZone": "Mars/Olympus"}}),
+            "spec.schedule.timeZone",
+        ),
+        (
+            "every".into(),
+            &null,
+            json!({"schedule": {"every": "0s"}}),
+            "spec.schedule.every",
+        ),
+        (
+            "name".into(),
+            &ebs,
+            json!({"template": {"spec": {"builder": {"amazonEBS": {"amiName": "golden"}}}}}),
+            "spec.template.spec.builder.amazonEBS.amiName: \"golden\" is the same for every build",
+        ),
+        (
+            "endpoint".into(),
+            &ebs,
+            json!({"template": {"spec": {"builder": {"amazonEBS": {"endpoint": "https://ec2.example.com"}}}}}),
+            "spec.template.spec.builder.amazonEBS.endpoint",
+        ),
+        (
+            long,
+            &null,
+            json!({}),
+            "metadata.name: at most 63 characters",
+        ),
+    ];
+    for (name, build, patch, _) in &cases {
+        let mut p = serde_json::to_value(pipeline(f, name, build, json!({}))).unwrap();
+        merge(&mut p["spec"], patch);
+        create(f, &serde_json::from_value(p).unwrap()).await;
+    }
+    let mut failures = Vec::new();
+    for (name, _, _, expect) in &cases {
+        let st = wait_status(f, name, Duration::from_secs(30), "Stalled", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.status == "True")
+        })
+        .await;
+        let stalled = st.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();
+        if !stalled.message.contains(expect) || stalled.reason != "InvalidSpec" {
+            failures.push(format!("{name}: {} {}", stalled.reason, stalled.message));
+        }
+        if st.sequence != 0 {
+            failures.push(format!("{name}: a build was started"));
+        }
+    }
+    let any = f.api().list(&ListParams::default()).await.unwrap().items;
+    if !any.is_empty() {
+        failures.push(format!(
+            "ImageBuilds were created: {:?}",
+            any.iter().map(|b| b.name_any()).collect::<Vec<_>>()
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
