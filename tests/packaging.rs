@@ -17,6 +17,7 @@ use common::{TestEnv, repo_root, short_id};
 use serde_json::{Value, json};
 
 const CRD: &str = "imagebuilds.kiln.dev";
+const PIPELINE_CRD: &str = "imagepipelines.kiln.dev";
 
 struct Tools {
     kubectl: PathBuf,
@@ -597,12 +598,14 @@ podLabels: {{team: images}}
     let objs = docs(&rendered);
     // The CRD in the chart is the one in crds/ (tests/crd.rs checks the files), so
     // applying it over the shared one changes nothing.
-    let crd_file =
-        std::fs::read_to_string(repo_root().join("crds/imagebuilds.kiln.dev.yaml")).expect("crds/");
-    assert_eq!(
-        find(&objs, "CustomResourceDefinition", CRD),
-        &docs(&crd_file)[0]
-    );
+    for crd in [CRD, PIPELINE_CRD] {
+        let crd_file =
+            std::fs::read_to_string(repo_root().join(format!("crds/{crd}.yaml"))).expect("crds/");
+        assert_eq!(
+            find(&objs, "CustomResourceDefinition", crd),
+            &docs(&crd_file)[0]
+        );
+    }
     apply(&["-f", "-"], Some(&rendered));
     wait_crd_established();
     // Everything rendered now exists.
@@ -735,7 +738,20 @@ podLabels: {{team: images}}
         (in_ns("list imagebuilds.kiln.dev"), false),
         (in_ns("get secrets"), false),
         (in_a("list secrets"), false),
-        (in_a("delete imagebuilds.kiln.dev"), false),
+        // An ImagePipeline creates its builds and deletes them (history, retention).
+        (in_a("delete imagebuilds.kiln.dev"), true),
+        (in_b("create imagebuilds.kiln.dev"), true),
+        (in_b("watch imagepipelines.kiln.dev"), true),
+        (
+            in_a("patch imagepipelines.kiln.dev --subresource=status"),
+            true,
+        ),
+        (
+            in_b("update imagepipelines.kiln.dev --subresource=finalizers"),
+            true,
+        ),
+        (in_ns("list imagepipelines.kiln.dev"), false),
+        (in_a("delete imagepipelines.kiln.dev"), false),
         (in_ns(&format!("update {lease}")), false),
         (in_ns("list leases.coordination.k8s.io"), false),
         (in_ns("delete leases.coordination.k8s.io"), false),
@@ -782,7 +798,8 @@ podLabels: {{team: images}}
             ("get secrets -n default", true),
             (&format!("patch {lease}"), true),
             ("list secrets -A", false),
-            ("delete imagebuilds.kiln.dev -n default", false),
+            ("list imagepipelines.kiln.dev -A", true),
+            ("delete imagepipelines.kiln.dev -n default", false),
             (
                 &format!("get leases.coordination.k8s.io/{fullname}-leader -n {ns}"),
                 false,
@@ -859,9 +876,21 @@ fn kustomize_install_grants_what_the_operator_needs() {
             ("list secrets -n default", false),
             ("watch secrets -A", false),
             ("update secrets -n default", false),
-            ("create imagebuilds.kiln.dev -n default", false),
-            ("delete imagebuilds.kiln.dev -n default", false),
+            ("create imagebuilds.kiln.dev -n default", true),
+            ("delete imagebuilds.kiln.dev -n default", true),
+            ("watch imagepipelines.kiln.dev -A", true),
+            (
+                "patch imagepipelines.kiln.dev --subresource=status -n default",
+                true,
+            ),
+            (
+                "update imagepipelines.kiln.dev --subresource=finalizers -n default",
+                true,
+            ),
             ("update imagebuilds.kiln.dev -n default", false),
+            ("create imagepipelines.kiln.dev -n default", false),
+            ("delete imagepipelines.kiln.dev -n default", false),
+            ("update imagepipelines.kiln.dev -n default", false),
             ("list configmaps -n default", false),
             ("delete configmaps -n default", false),
             ("create events -n default", false),
@@ -974,6 +1003,9 @@ fn kustomize_and_chart_defaults_agree() {
         "imagebuilds",
         "imagebuilds/status",
         "imagebuilds/finalizers",
+        "imagepipelines",
+        "imagepipelines/status",
+        "imagepipelines/finalizers",
         "secrets",
         "configmaps",
         "events",
