@@ -353,8 +353,9 @@ async fn a_newer_matching_source_image_builds_and_another_does_not() {
         "a non-matching image started a build: {:?}",
         st.builds
     );
-    assert!(
-        st.source.as_ref().unwrap().checked_at.0 > st.versions[0].created_at.clone().unwrap().0
+    assert_eq!(
+        st.source.as_ref().unwrap().image.as_deref(),
+        Some(a.source_ami.as_str())
     );
 
     // Matching and newer.

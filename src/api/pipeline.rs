@@ -275,7 +275,7 @@ pub struct ImagePipelineStatus {
     /// The next scheduled time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_run_at: Option<Time>,
-    /// The last look-up of the newest source image (`onSourceChange`).
+    /// What the look-ups of the newest source image found (`onSourceChange`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceCheck>,
     /// Successful builds, oldest first (bounded): what each was built from, which
@@ -343,14 +343,14 @@ pub struct FailureBrake {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceCheck {
-    /// The newest matching source image at the last check.
+    /// The newest matching source image the checks found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// When it was checked.
-    pub checked_at: Time,
-    /// When it is checked next.
-    pub next_check_at: Time,
-    /// Why the last check failed, if it did.
+    /// When a check first found it. A check that finds the same image again writes
+    /// nothing: an idle pipeline costs one look-up per `checkInterval` and no
+    /// apiserver request.
+    pub since: Time,
+    /// Why the last check failed, while checks fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

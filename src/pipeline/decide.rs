@@ -48,6 +48,9 @@ pub struct Input<'a> {
     pub now: Timestamp,
     /// A look-up of the current source image made for this decision (`onSourceChange`).
     pub source: Option<Result<Option<String>, String>>,
+    /// When the source is looked up next (kept in memory: a check that finds
+    /// nothing new writes nothing).
+    pub next_source_check: Option<Timestamp>,
     /// Why the template cannot be built (plan, policy), if it cannot.
     pub template_problem: Option<String>,
     /// Hash of the template as it is now.
@@ -377,39 +380,50 @@ impl Decider<'_> {
         }
 
         if let Some(lookup) = &self.input.source {
-            let interval = spec
-                .on_source_change
-                .as_ref()
-                .and_then(|s| duration::parse(&s.check_interval).ok())
-                .unwrap_or(Duration::from_secs(3600))
-                .max(Duration::from_secs(1));
-            let next = now.checked_add(interval).unwrap_or(now);
-            let (image, message) = match lookup {
-                Ok(image) => (image.clone(), None),
+            let known = self.st.source.as_ref().and_then(|s| s.image.clone());
+            let message = self.st.source.as_ref().and_then(|s| s.message.clone());
+            match lookup {
+                Ok(image) if *image != known || message.is_some() => {
+                    let since = match &self.st.source {
+                        Some(s) if s.image == *image => s.since.clone(),
+                        _ => Time(now),
+                    };
+                    self.st.source = Some(SourceCheck {
+                        image: image.clone(),
+                        since,
+                        message: None,
+                    });
+                }
+                Ok(_) => {}
                 // Keep the last known image: a failed look-up is no change.
-                Err(e) => (
-                    self.st.source.as_ref().and_then(|s| s.image.clone()),
-                    Some(e.clone()),
-                ),
-            };
-            if let Err(e) = lookup {
-                self.event(
-                    true,
-                    "SourceCheckFailed",
-                    format!("looking up the source image: {e}"),
-                );
+                Err(e) => {
+                    if message.as_ref() != Some(e) {
+                        self.event(
+                            true,
+                            "SourceCheckFailed",
+                            format!("looking up the source image: {e}"),
+                        );
+                    }
+                    self.st.source = Some(SourceCheck {
+                        image: known,
+                        since: self
+                            .st
+                            .source
+                            .as_ref()
+                            .map_or(Time(now), |s| s.since.clone()),
+                        message: Some(e.clone()),
+                    });
+                }
             }
-            self.st.source = Some(SourceCheck {
-                image,
-                checked_at: Time(now),
-                next_check_at: Time(next),
-                message,
-            });
+        }
+        if spec.on_source_change.is_some() {
+            if let Some(at) = self.input.next_source_check {
+                self.wake.push(at);
+            }
         }
         if spec.on_source_change.is_some()
             && let Some(check) = &self.st.source
         {
-            self.wake.push(check.next_check_at.0);
             if let Some(image) = &check.image {
                 source = Some(image.clone());
                 let built = self

@@ -57,6 +57,10 @@ struct Context {
     builds: Store<ImageBuild>,
     /// Reconciles of a pipeline that failed in a row, by uid.
     failures: Mutex<HashMap<String, u32>>,
+    /// When each pipeline (by uid) looks up its source image next. In memory: a
+    /// check that finds the same image writes nothing, and after a restart every
+    /// pipeline checks once.
+    checks: Mutex<HashMap<String, Timestamp>>,
 }
 
 pub const CONTROLLER: &str = "imagepipeline";
@@ -104,6 +108,7 @@ pub fn controllers(
             policy: policy.clone(),
             builds: store,
             failures: Mutex::default(),
+            checks: Mutex::default(),
         });
         let stream = Controller::new(pipelines, watcher::Config::default().any_semantic())
             .with_config(ControllerConfig::default().concurrency(concurrency))
@@ -202,23 +207,28 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
                 "metadata.name: at most 63 characters (it is the value of the label kiln.dev/pipeline on its ImageBuilds)".to_string()
             })
         });
+    let next_check = lock(&ctx.checks).get(&uid).copied();
     let source_due = spec.on_source_change.is_some()
         && !deleting
         && !spec.suspend
         && status.brake.is_none()
         && template_problem.is_none()
-        && status
-            .source
+        && next_check.is_none_or(|t| t <= now);
+    let (source, next_source_check) = if source_due {
+        let found = builders::current_source(&spec.template.spec, &ctx.client, ns)
+            .await
+            .map_err(|e| e.to_string());
+        let interval = spec
+            .on_source_change
             .as_ref()
-            .is_none_or(|s| s.next_check_at.0 <= now);
-    let source = if source_due {
-        Some(
-            builders::current_source(&spec.template.spec, &ctx.client, ns)
-                .await
-                .map_err(|e| e.to_string()),
-        )
+            .and_then(|s| crate::api::duration::parse(&s.check_interval).ok())
+            .unwrap_or(Duration::from_secs(3600))
+            .max(Duration::from_secs(1));
+        let next = now.checked_add(interval).unwrap_or(now);
+        lock(&ctx.checks).insert(uid.clone(), next);
+        (Some(found), Some(next))
     } else {
-        None
+        (None, next_check)
     };
     let hash = template_hash(&spec.template);
     let input = Input {
@@ -232,6 +242,7 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
         builds: &observed,
         now,
         source,
+        next_source_check,
         template_problem,
         template_hash: &hash,
         secrets: builders::cleanup_secrets(&spec.template.spec),
@@ -298,6 +309,7 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
             Action::RemoveFinalizer => {
                 writes::remove_finalizer(&api, &current).await?;
                 lock(&ctx.failures).remove(&uid);
+                lock(&ctx.checks).remove(&uid);
                 return Ok(Requeue::await_change());
             }
             Action::Event {

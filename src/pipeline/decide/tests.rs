@@ -56,6 +56,7 @@ impl World {
             builds: &self.builds,
             now: t(now),
             source: self.source.take(),
+            next_source_check: None,
             template_problem: None,
             template_hash: &self.hash,
             secrets: vec!["aws".into()],
@@ -376,14 +377,17 @@ fn a_newer_source_builds_pinned_to_it_and_the_same_or_a_failed_lookup_does_not()
         ..Default::default()
     });
     w.at(1);
+    // Finding the same image again changes nothing: no status write.
+    let before = w.status.clone();
     w.source = Some(Ok(Some("ami-a".into())));
     assert!(World::created(&w.at(5)).is_empty());
+    assert_eq!(w.status, before);
     w.source = Some(Err("DescribeImages: throttled".into()));
     assert!(World::created(&w.at(10)).is_empty());
     let check = w.status.source.clone().unwrap();
     assert_eq!(check.image.as_deref(), Some("ami-a"), "kept");
     assert!(check.message.is_some());
-    assert_eq!(check.next_check_at.0, t(15));
+    assert_eq!(check.since.0, t(0));
     w.source = Some(Ok(Some("ami-b".into())));
     let a = w.at(15);
     assert_eq!(World::created(&a), ["p-2"]);
