@@ -416,30 +416,28 @@ impl Decider<'_> {
                 }
             }
         }
-        if spec.on_source_change.is_some() {
-            if let Some(at) = self.input.next_source_check {
-                self.wake.push(at);
-            }
+        if spec.on_source_change.is_some()
+            && let Some(at) = self.input.next_source_check
+        {
+            self.wake.push(at);
         }
         if spec.on_source_change.is_some()
-            && let Some(check) = &self.st.source
+            && let Some(image) = self.st.source.as_ref().and_then(|c| c.image.as_ref())
         {
-            if let Some(image) = &check.image {
-                source = Some(image.clone());
-                let built = self
-                    .st
-                    .versions
-                    .iter()
-                    .rev()
-                    .find(|v| !v.retired)
-                    .and_then(|v| v.source_image.as_ref());
-                let building = self
-                    .active()
-                    .iter()
-                    .any(|b| b.source_image.as_ref() == Some(image));
-                if built.is_some_and(|b| b != image) && !building {
-                    due.push(SOURCE);
-                }
+            source = Some(image.clone());
+            let built = self
+                .st
+                .versions
+                .iter()
+                .rev()
+                .find(|v| !v.retired)
+                .and_then(|v| v.source_image.as_ref());
+            let building = self
+                .active()
+                .iter()
+                .any(|b| b.source_image.as_ref() == Some(image));
+            if built.is_some_and(|b| b != image) && !building {
+                due.push(SOURCE);
             }
         }
         if self.st.template_hash.as_deref() != Some(self.input.template_hash) {
