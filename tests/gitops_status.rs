@@ -349,20 +349,11 @@ fn pipeline_state(p: &ImagePipeline) -> (&'static str, Option<KStatus>) {
             ("template build", Some(KStatus::InProgress))
         }
         (Some(_), Some(_)) => ("scheduled build", Some(KStatus::Current)),
-        // Below maxConsecutiveFailures a failed build, even of a changed template,
-        // leaves the pipeline Ready with its latest version, neither Reconciling nor
-        // Stalled: Current, as kiln decides today (src/pipeline/decide.rs `conditions`).
-        (None, Some(_))
-            if st
-                .builds
-                .iter()
-                .max_by_key(|b| b.sequence)
-                .is_some_and(|b| b.phase == Some(BuildPhase::Failed)) =>
-        {
-            (
-                "version available, the last build failed",
-                Some(KStatus::Current),
-            )
+        // A failed build of the current template, which has no version: the spec
+        // is not realized (Stalled, TemplateBuildFailed). A failed rebuild of a
+        // template that has a version leaves the pipeline Current.
+        (None, _) if st.failed_template.is_some() && st.failed_template == st.template_hash => {
+            ("the current template's build failed", Some(KStatus::Failed))
         }
         (None, Some(_)) => ("version available", Some(KStatus::Current)),
         (None, None) => ("no version", Some(KStatus::InProgress)),

@@ -65,7 +65,8 @@ pub struct ImagePipelineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<PipelineSchedule>,
     /// Build when the newest image matching the template's source filter differs
-    /// from the one the latest version was built from.
+    /// from the one the newest version was built from (once per image: a failed
+    /// build of it is retried by the schedule or a template change, not by this).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_source_change: Option<SourceChangeTrigger>,
     /// What a trigger does while a build runs: `Forbid` skips it (a schedule) or
@@ -77,9 +78,9 @@ pub struct ImagePipelineSpec {
     /// still follow builds that finish.
     #[serde(default)]
     pub suspend: bool,
-    /// How late a scheduled run may start (after operator downtime or a suspension),
-    /// e.g. `10m`; a later one is skipped. Unset: however late. Missed runs start at
-    /// most one build either way.
+    /// How late a scheduled run may start after operator downtime, e.g. `10m`; a
+    /// later one is skipped. Unset: however late. Missed runs start at most one
+    /// build either way. (Runs that come due while suspended are skipped.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = duration::rule())]
     #[schemars(length(max = 32))]
@@ -252,11 +253,9 @@ pub struct ImagePipelineStatus {
     /// The sequence number of the last build the pipeline decided to start.
     #[serde(default)]
     pub sequence: i64,
-    /// A build decided and recorded but perhaps not created yet: after a crash the
-    /// same ImageBuild (same name) is created, never a second one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending: Option<PipelineBuild>,
-    /// The pipeline's builds it still follows or keeps, oldest first.
+    /// The pipeline's builds it still follows or keeps, oldest first. A build is
+    /// listed here before its ImageBuild is created: after a crash the same
+    /// ImageBuild (same name) is created, never a second one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub builds: Vec<PipelineBuild>,
     /// Failed builds since the last success.
@@ -269,6 +268,11 @@ pub struct ImagePipelineStatus {
     /// template builds once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_hash: Option<String>,
+    /// Hash of a template whose last build failed and that has no version yet:
+    /// the pipeline is `Stalled` (reason `TemplateBuildFailed`) until a build of it
+    /// succeeds or the template changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_template: Option<String>,
     /// The last scheduled time a build was started (or skipped) for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Time>,
@@ -291,6 +295,9 @@ pub struct ImagePipelineStatus {
     /// The version `outputConfigMap` was last written with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_version: Option<i64>,
+    /// The ConfigMap it was written to: a new `outputConfigMap` is written at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_config_map: Option<String>,
     /// Secrets of this namespace that carry kiln's finalizer `kiln.dev/cleanup-<uid>`
     /// while the pipeline may still need them to remove images.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -311,6 +318,9 @@ pub struct PipelineBuild {
     /// The source image the pipeline pinned for it (`onSourceChange`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_image: Option<String>,
+    /// Hash of the template it was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_hash: Option<String>,
     /// When the pipeline decided to start it.
     pub decided_at: Time,
     /// Its uid once created.
@@ -350,6 +360,10 @@ pub struct SourceCheck {
     /// nothing: an idle pipeline costs one look-up per `checkInterval` and no
     /// apiserver request.
     pub since: Time,
+    /// A build was started for this image by `onSourceChange`: it is not started
+    /// again for the same image, whether that build succeeds or fails.
+    #[serde(default)]
+    pub built: bool,
     /// Why the last check failed, while checks fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -369,6 +383,9 @@ pub struct PipelineVersion {
     /// The image it was built from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_image: Option<String>,
+    /// Hash of the template it was built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_hash: Option<String>,
     /// Its images, one per region.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<VersionImage>,

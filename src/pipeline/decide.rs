@@ -76,6 +76,9 @@ pub enum Action {
     Event {
         warning: bool,
         reason: &'static str,
+        /// What the event is about (`Build web-3`, `Retire version 2`): events of
+        /// one reason and action fold into one with a count, so it must tell them apart.
+        action: String,
         note: String,
     },
 }
@@ -172,7 +175,7 @@ pub fn decide(input: &Input) -> Decision {
     };
     let problem = match (&timer, &input.template_problem) {
         (Err(e), _) => Some(e.clone()),
-        (_, Some(p)) => Some(format!("spec.template.{p}")),
+        (_, Some(p)) => Some(p.clone()),
         _ => None,
     };
     if input.deleting {
@@ -212,10 +215,11 @@ impl Decider<'_> {
             .find(|o| o.name == b.name && b.uid.as_ref().is_none_or(|u| *u == o.uid))
     }
 
-    fn event(&mut self, warning: bool, reason: &'static str, note: String) {
+    fn event(&mut self, warning: bool, reason: &'static str, action: String, note: String) {
         self.actions.push(Action::Event {
             warning,
             reason,
+            action,
             note,
         });
     }
@@ -236,12 +240,18 @@ impl Decider<'_> {
                             b.settled = true;
                             b.message = None;
                             self.st.consecutive_failures = 0;
+                            if b.template_hash.is_some()
+                                && self.st.failed_template == b.template_hash
+                            {
+                                self.st.failed_template = None;
+                            }
                             let v = PipelineVersion {
                                 version: b.sequence,
                                 build: b.name.clone(),
                                 build_uid: o.uid.clone(),
                                 trigger: b.trigger.clone(),
                                 source_image: o.source_image.clone().or(b.source_image.clone()),
+                                template_hash: b.template_hash.clone(),
                                 images: o.images.clone(),
                                 created_at: o.completed_at.clone().or(Some(now.clone())),
                                 retired: false,
@@ -252,6 +262,7 @@ impl Decider<'_> {
                             self.event(
                                 false,
                                 "VersionCreated",
+                                format!("Build {}", b.name),
                                 format!(
                                     "version {} from ImageBuild {}: {}",
                                     v.version,
@@ -266,9 +277,15 @@ impl Decider<'_> {
                             b.settled = true;
                             b.message = o.message.clone();
                             self.st.consecutive_failures += 1;
+                            if b.template_hash.as_deref() == Some(self.input.template_hash)
+                                && !self.template_has_a_version()
+                            {
+                                self.st.failed_template = b.template_hash.clone();
+                            }
                             self.event(
                                 true,
                                 "BuildFailed",
+                                format!("Build {}", b.name),
                                 format!(
                                     "ImageBuild {} failed ({} in a row): {}",
                                     b.name,
@@ -298,6 +315,14 @@ impl Decider<'_> {
         self.st.builds = builds;
     }
 
+    /// Whether the current template made a version.
+    fn template_has_a_version(&self) -> bool {
+        self.st
+            .versions
+            .iter()
+            .any(|v| v.template_hash.as_deref() == Some(self.input.template_hash))
+    }
+
     /// Stops triggering after too many failures in a row; a new generation or a new
     /// value of `kiln.dev/resume` re-arms it.
     fn brake(&mut self) {
@@ -310,6 +335,7 @@ impl Decider<'_> {
             self.event(
                 false,
                 "Resumed",
+                "Release the failure brake".into(),
                 "the failure brake is released; the pipeline starts builds again".into(),
             );
         }
@@ -323,6 +349,7 @@ impl Decider<'_> {
             self.event(
                 true,
                 "FailureBrake",
+                "Stop starting builds".into(),
                 format!(
                     "{} builds failed in a row (maxConsecutiveFailures: {max}); no new builds until the spec or the annotation {} changes",
                     self.st.consecutive_failures,
@@ -362,6 +389,7 @@ impl Decider<'_> {
                         Some(d) if late > d => self.event(
                             true,
                             "MissedSchedule",
+                            format!("Skip the run of {missed}"),
                             format!(
                                 "the run of {missed} is {}s late, past startingDeadline {}; skipped",
                                 late.as_secs(),
@@ -384,13 +412,14 @@ impl Decider<'_> {
             let message = self.st.source.as_ref().and_then(|s| s.message.clone());
             match lookup {
                 Ok(image) if *image != known || message.is_some() => {
-                    let since = match &self.st.source {
-                        Some(s) if s.image == *image => s.since.clone(),
-                        _ => Time(now),
+                    let (since, built) = match &self.st.source {
+                        Some(s) if s.image == *image => (s.since.clone(), s.built),
+                        _ => (Time(now), false),
                     };
                     self.st.source = Some(SourceCheck {
                         image: image.clone(),
                         since,
+                        built,
                         message: None,
                     });
                 }
@@ -401,16 +430,19 @@ impl Decider<'_> {
                         self.event(
                             true,
                             "SourceCheckFailed",
+                            "Look up the source image".into(),
                             format!("looking up the source image: {e}"),
                         );
                     }
+                    let (since, built) = self
+                        .st
+                        .source
+                        .as_ref()
+                        .map_or((Time(now), false), |s| (s.since.clone(), s.built));
                     self.st.source = Some(SourceCheck {
                         image: known,
-                        since: self
-                            .st
-                            .source
-                            .as_ref()
-                            .map_or(Time(now), |s| s.since.clone()),
+                        since,
+                        built,
                         message: Some(e.clone()),
                     });
                 }
@@ -432,11 +464,8 @@ impl Decider<'_> {
                 .rev()
                 .find(|v| !v.retired)
                 .and_then(|v| v.source_image.as_ref());
-            let building = self
-                .active()
-                .iter()
-                .any(|b| b.source_image.as_ref() == Some(image));
-            if built.is_some_and(|b| b != image) && !building {
+            let tried = self.st.source.as_ref().is_some_and(|c| c.built);
+            if built.is_some_and(|b| b != image) && !tried {
                 due.push(SOURCE);
             }
         }
@@ -455,6 +484,7 @@ impl Decider<'_> {
                         self.event(
                             false,
                             "ScheduleSkipped",
+                            format!("Skip a run while {} runs", active[0].name),
                             format!(
                                 "a scheduled run was skipped: ImageBuild {} is still running (concurrencyPolicy: Forbid)",
                                 active[0].name
@@ -491,6 +521,7 @@ impl Decider<'_> {
             sequence: self.st.sequence,
             trigger: due.join(","),
             source_image: source,
+            template_hash: Some(self.input.template_hash.to_string()),
             decided_at: Time(now),
             uid: None,
             phase: None,
@@ -498,9 +529,16 @@ impl Decider<'_> {
             message: None,
         };
         self.st.template_hash = Some(self.input.template_hash.to_string());
+        if let Some(check) = &mut self.st.source
+            && check.image.is_some()
+            && check.image == b.source_image
+        {
+            check.built = true;
+        }
         self.event(
             false,
             "BuildStarted",
+            format!("Build {}", b.name),
             format!("ImageBuild {} ({})", b.name, b.trigger),
         );
         self.actions.push(Action::Create(b.clone()));
@@ -563,14 +601,17 @@ impl Decider<'_> {
                     Some(at) if at.0 > now => self.wake.push(at.0),
                     _ => {
                         if v.removal.as_ref().is_none_or(|r| r.attempts == 0) {
-                            events.push(format!(
-                                "removing the images of version {}: {}",
+                            events.push((
                                 v.version,
-                                v.images
-                                    .iter()
-                                    .map(|i| i.image_id.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
+                                format!(
+                                    "removing the images of version {}: {}",
+                                    v.version,
+                                    v.images
+                                        .iter()
+                                        .map(|i| i.image_id.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
                             ));
                         }
                         self.actions.push(Action::RemoveImages(v.version));
@@ -578,8 +619,13 @@ impl Decider<'_> {
                 },
             }
         }
-        for note in events {
-            self.event(false, "RetiringVersion", note);
+        for (version, note) in events {
+            self.event(
+                false,
+                "RetiringVersion",
+                format!("Retire version {version}"),
+                note,
+            );
         }
         // Bounded: versions whose images are gone go first, oldest first.
         while self.st.versions.len() > MAX_VERSIONS {
@@ -623,8 +669,9 @@ impl Decider<'_> {
                 image_id: i.image_id.clone(),
             })
             .collect();
-        if self.input.spec.output_config_map.is_some()
-            && self.st.output_version != Some(v.version)
+        if let Some(cm) = &self.input.spec.output_config_map
+            && (self.st.output_version != Some(v.version)
+                || self.st.output_config_map.as_ref() != Some(&cm.name))
             && !self.input.deleting
         {
             self.actions.push(Action::WriteOutput);
@@ -755,6 +802,28 @@ impl Decider<'_> {
                 .iter()
                 .any(|v| v.version == *p && !v.retired)
         });
+        // The current template's last build failed and it has no version: the
+        // pipeline does not have what its spec asks for.
+        let failed_template = (self.st.failed_template.as_deref()
+            == Some(self.input.template_hash)
+            && active.is_none())
+        .then(|| {
+            self.st
+                .builds
+                .iter()
+                .rev()
+                .find(|b| b.template_hash.as_deref() == Some(self.input.template_hash))
+                .map_or_else(
+                    || "its last build".to_string(),
+                    |b| {
+                        format!(
+                            "ImageBuild {} ({})",
+                            b.name,
+                            b.message.as_deref().unwrap_or("no message")
+                        )
+                    },
+                )
+        });
         let (stalled, stalled_reason, stalled_message) = if let Some(p) = &problem {
             (true, "InvalidSpec", p.clone())
         } else if self.st.brake.is_some() {
@@ -766,6 +835,14 @@ impl Decider<'_> {
                     self.st.consecutive_failures,
                     self.input.spec.max_consecutive_failures,
                     crate::api::RESUME_ANNOTATION
+                ),
+            )
+        } else if let Some(what) = &failed_template {
+            (
+                true,
+                "TemplateBuildFailed",
+                format!(
+                    "the current template has no version: {what} failed; the schedule, a newer source image or a change of the template tries again"
                 ),
             )
         } else if let Some(p) = pinned_missing {
@@ -795,6 +872,10 @@ impl Decider<'_> {
         let reconciling = active.as_ref().filter(|b| {
             b.trigger.split(',').any(|t| t == TEMPLATE) || self.st.latest_version.is_none()
         });
+        // A changed template not built yet (waiting for a running build) is
+        // reconciling too; not while suspended, which would never end.
+        let template_waits = self.st.template_hash.as_deref() != Some(self.input.template_hash)
+            && !self.input.spec.suspend;
         let (ready, ready_reason, ready_message) = if stalled {
             (false, stalled_reason, stalled_message.clone())
         } else if let Some(v) = self.st.latest_version {
@@ -861,6 +942,12 @@ impl Decider<'_> {
                 true,
                 "Building",
                 format!("ImageBuild {} builds the current template", b.name),
+            ),
+            _ if template_waits && !stalled => set(
+                "Reconciling",
+                true,
+                "TemplateChanged",
+                "the changed template is built when the running build finishes".into(),
             ),
             _ => set(
                 "Reconciling",

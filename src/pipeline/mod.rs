@@ -201,19 +201,26 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
         .and_then(|()| builders::plan(&spec.template.spec))
         .and_then(|_| builders::repeatable(&spec.template.spec))
         .err()
-        .map(|e| format!("spec.{}", e.to_string().trim_start_matches("spec.")))
+        // The builders name fields from the ImageBuild's `spec`.
+        .map(|e| match e.to_string().strip_prefix("spec") {
+            Some(rest) => format!("spec.template.spec{rest}"),
+            None => format!("spec.template.spec: {e}"),
+        })
         .or_else(|| {
             (name.len() > 63).then(|| {
                 "metadata.name: at most 63 characters (it is the value of the label kiln.dev/pipeline on its ImageBuilds)".to_string()
             })
         });
+    let hash = template_hash(&spec.template);
     let next_check = lock(&ctx.checks).get(&uid).copied();
+    // A changed template is built from a fresh look-up: its filter, region or
+    // credentials may have changed.
     let source_due = spec.on_source_change.is_some()
         && !deleting
         && !spec.suspend
         && status.brake.is_none()
         && template_problem.is_none()
-        && next_check.is_none_or(|t| t <= now);
+        && (next_check.is_none_or(|t| t <= now) || status.template_hash.as_deref() != Some(&hash));
     let (source, next_source_check) = if source_due {
         let found = builders::current_source(&spec.template.spec, &ctx.client, ns)
             .await
@@ -230,7 +237,6 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
     } else {
         (None, next_check)
     };
-    let hash = template_hash(&spec.template);
     let input = Input {
         name: &name,
         generation: obj.metadata.generation.unwrap_or(0),
@@ -299,6 +305,7 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
             Action::WriteOutput => {
                 write_output(ctx, &current, ns, &after).await?;
                 after.output_version = after.latest_version;
+                after.output_config_map = spec.output_config_map.as_ref().map(|c| c.name.clone());
             }
             Action::HoldSecrets(names) => {
                 writes::hold_secrets(&ctx.client, ns, &uid, &names).await?;
@@ -315,8 +322,9 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
             Action::Event {
                 warning,
                 reason,
+                action,
                 note,
-            } => publish(ctx, &current, warning, reason, note),
+            } => publish(ctx, &current, warning, reason, action, note),
         }
     }
     if after != next {
@@ -601,7 +609,14 @@ async fn write_output(
     Ok(())
 }
 
-fn publish(ctx: &Context, obj: &ImagePipeline, warning: bool, reason: &str, note: String) {
+fn publish(
+    ctx: &Context,
+    obj: &ImagePipeline,
+    warning: bool,
+    reason: &str,
+    action: String,
+    note: String,
+) {
     let ev = Event {
         type_: if warning {
             EventType::Warning
@@ -610,7 +625,7 @@ fn publish(ctx: &Context, obj: &ImagePipeline, warning: bool, reason: &str, note
         },
         reason: reason.into(),
         note: Some(crate::controller::event_note(note)),
-        action: reason.into(),
+        action,
         secondary: None,
     };
     let recorder = ctx.recorder.clone();

@@ -178,7 +178,13 @@ fn a_success_is_a_version_and_the_latest_pointer_and_output_follow_it() {
     assert_eq!(w.condition("Reconciling").0, "False");
     // Once written (the controller records it), not again.
     w.status.output_version = Some(1);
+    w.status.output_config_map = Some("latest".into());
     assert!(!w.at(4).contains(&Action::WriteOutput));
+    // Another ConfigMap is written at once.
+    w.spec.output_config_map = Some(crate::api::LocalObjectRef {
+        name: "other".into(),
+    });
+    assert!(w.at(5).contains(&Action::WriteOutput));
 }
 
 #[test]
@@ -221,6 +227,11 @@ fn forbid_skips_a_scheduled_run_and_a_template_change_waits_for_the_running_buil
     w.hash = "h2".into();
     w.generation = 2;
     assert!(World::created(&w.at(21)).is_empty(), "waits");
+    assert_eq!(
+        w.condition("Reconciling").0,
+        "True",
+        "a waiting template change is reconciling"
+    );
     let a = w.succeed("p-1", 25);
     assert_eq!(World::created(&a), ["p-2"]);
     assert_eq!(w.status.builds[1].trigger, "template");
@@ -396,10 +407,17 @@ fn a_newer_source_builds_pinned_to_it_and_the_same_or_a_failed_lookup_does_not()
         (b.trigger.as_str(), b.source_image.as_deref()),
         ("source", Some("ami-b"))
     );
-    // While it runs, the same source does not start another.
+    // While it runs, the same source does not start another; nor when it failed
+    // (the schedule or a template change retries it, not every check).
     w.show("p-2", Some(BuildPhase::Running));
     w.source = Some(Ok(Some("ami-b".into())));
     assert!(World::created(&w.at(20)).is_empty());
+    w.show("p-2", Some(BuildPhase::Failed));
+    w.source = Some(Ok(Some("ami-b".into())));
+    assert!(World::created(&w.at(25)).is_empty());
+    // A newer one does.
+    w.source = Some(Ok(Some("ami-c".into())));
+    assert_eq!(World::created(&w.at(30)), ["p-3"]);
 }
 
 #[test]
@@ -475,4 +493,36 @@ fn unparsable_schedules_stall_before_any_build() {
         assert_eq!(stalled.reason, "InvalidSpec");
         assert!(stalled.message.starts_with(field), "{}", stalled.message);
     }
+}
+
+#[test]
+fn a_failed_build_of_the_current_template_stalls_until_a_build_of_it_succeeds() {
+    let mut w = World::new(spec(serde_json::json!({"schedule": {"every": "10s"}})));
+    w.at(0);
+    w.succeed("p-1", 1);
+    // A new template whose build fails: the spec is not realized.
+    w.hash = "h2".into();
+    w.generation = 2;
+    assert_eq!(World::created(&w.at(2)), ["p-2"]);
+    w.show("p-2", Some(BuildPhase::Failed));
+    w.at(3);
+    assert_eq!(
+        w.condition("Stalled"),
+        ("True".into(), "TemplateBuildFailed".into())
+    );
+    assert_eq!(w.condition("Ready").0, "False");
+    // The schedule tries again; its success clears it.
+    assert_eq!(World::created(&w.at(10)), ["p-3"]);
+    assert_eq!(w.condition("Stalled").0, "False", "retrying");
+    w.succeed("p-3", 11);
+    assert_eq!(w.condition("Stalled").0, "False");
+    assert_eq!(
+        w.condition("Ready"),
+        ("True".into(), "VersionAvailable".into())
+    );
+    // A scheduled rebuild of a template that has a version may fail: no stall.
+    w.at(20);
+    w.show("p-4", Some(BuildPhase::Failed));
+    w.at(21);
+    assert_eq!(w.condition("Stalled").0, "False");
 }
