@@ -44,7 +44,8 @@ pub const MAX_KEEP: u32 = 30;
     printcolumn = r#"{"name":"Latest","type":"integer","jsonPath":".status.latestVersion"}"#,
     printcolumn = r#"{"name":"Image","type":"string","jsonPath":".status.latest[0].imageId"}"#,
     printcolumn = r#"{"name":"Last Build","type":"string","jsonPath":".status.builds[-1:].phase"}"#,
-    printcolumn = r#"{"name":"Next Run","type":"date","jsonPath":".status.nextRunAt"}"#,
+    // A string, not a date: kubectl shows a date in the future as <invalid>.
+    printcolumn = r#"{"name":"Next Run","type":"string","jsonPath":".status.nextRunAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.message"}"#
 )]
