@@ -33,15 +33,20 @@ ctr_() { ctr -a "$CTR_SOCK" -n k8s.io "$@"; }
 
 # ------------------------------------------------------------------- OCI images
 # oci_build LAYOUT TAG ROOTFS [umoci config flags...]: a new OCI layout LAYOUT
-# (replaced if it exists) holding one image, TAG: one layer with the directory
-# ROOTFS as /, ownership and modes as they are, and the given configuration.
+# (replaced if it exists) holding one image, TAG: one layer with the contents
+# of the directory ROOTFS, ownership and modes as they are (numeric), and the
+# given configuration.
 oci_build() {
 	local layout=$1 tag=$2 rootfs=$3
 	shift 3
 	rm -rf "$layout"
 	umoci init --layout "$layout"
 	umoci new --image "$layout:$tag"
-	umoci insert --image "$layout:$tag" --history.created_by "kiln tests/env: $(basename "$rootfs")" "$rootfs" /
+	# A layer tar of our own: umoci 0.4.7's insert writes no padding after the
+	# last file and no end-of-archive blocks (GNU tar: "Unexpected EOF").
+	(cd "$rootfs" && tar --numeric-owner --sort=name -cf "$layout.layer.tar" -- *)
+	umoci raw add-layer --image "$layout:$tag" --history.created_by "kiln tests/env/$(basename "$0")" "$layout.layer.tar"
+	rm -f "$layout.layer.tar"
 	umoci config --image "$layout:$tag" --no-history "$@"
 	umoci gc --layout "$layout"
 }
@@ -292,10 +297,12 @@ build_tools_image() { # ROOTFS LAYOUT TAG: Debian's static busybox and its apple
 	oci_build "$2" "$3" "$1" --config.entrypoint /bin/sh --config.env PATH=/bin
 }
 
+# Part of the images' cache keys: change it when oci_build changes what it makes.
+OCI_BUILD=2
 ensure_images() {
-	ensure_image "$PAUSE_IMAGE" build_pause_image "$(sha256sum "$PAUSE_SRC/linux/pause.c" | cut -c1-16)-$(gcc -dumpfullversion)"
+	ensure_image "$PAUSE_IMAGE" build_pause_image "$(sha256sum "$PAUSE_SRC/linux/pause.c" | cut -c1-16)-$(gcc -dumpfullversion)-$OCI_BUILD"
 	# The busybox-static package is statically linked: file(1) is not needed to tell.
-	ensure_image "$TOOLS_IMAGE" build_tools_image "$(sha256sum /bin/busybox | cut -c1-16)"
+	ensure_image "$TOOLS_IMAGE" build_tools_image "$(sha256sum /bin/busybox | cut -c1-16)-$OCI_BUILD"
 }
 
 # ------------------------------------------------------- kubelet, kcm, scheduler

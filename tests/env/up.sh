@@ -69,11 +69,13 @@ ensure_packages() {
 	{ command -v ssh && command -v ssh-keygen && command -v sftp; } >/dev/null || missing+=(openssh-client)
 	{ command -v setsid && command -v flock; } >/dev/null || missing+=(util-linux)
 	command -v lua5.1 >/dev/null || missing+=(lua5.1) # runs config/argocd/health.lua in tests
+	# tests/image.rs builds kiln's image with tests/env/image.sh (umoci, strip).
+	command -v umoci >/dev/null || missing+=(umoci)
+	command -v strip >/dev/null || missing+=(binutils)
 	if [[ -n $CLUSTER ]]; then
 		command -v containerd >/dev/null || missing+=(containerd)
 		[[ -x /usr/sbin/runc ]] || missing+=(runc)
 		[[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/portmap ]] || missing+=(containernetworking-plugins)
-		command -v umoci >/dev/null || missing+=(umoci)
 		{ command -v iptables && command -v iptables-restore; } >/dev/null || missing+=(iptables)
 		{ command -v ip && command -v ss; } >/dev/null || missing+=(iproute2)
 		command -v gcc >/dev/null || missing+=(gcc)
