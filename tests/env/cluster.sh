@@ -92,16 +92,31 @@ lock_node() {
 }
 unlock_node() { exec 8>&-; }
 
+# node_conflict: dies if a live node of another state dir runs on this machine.
+node_conflict() {
+	local owner
+	owner=$(node_owner)
+	if [[ -n $owner && $owner != "$STATE" ]] && node_alive "$owner"; then
+		die "a kiln test node already runs on this machine, for $owner (only one node per machine: the node IP $NODE_IP, bridge $BRIDGE, ports 10250/10248 and /run/containerd are machine-wide). Stop it first: KILN_TEST_ENV=$owner bash tests/env/down.sh"
+	fi
+}
+
+# cluster_preflight: what can fail before anything starts.
+cluster_preflight() {
+	[[ $(id -u) == 0 ]] || die "KILN_CLUSTER=1 needs root (containerd, the kubelet, iptables)"
+	local sock=$CL/kubelet/root/pod-resources/kubelet.sock
+	((${#sock} < 100)) || die "the state dir path is too long for the node's unix sockets ($sock): use a shorter KILN_TEST_ENV"
+	node_conflict
+}
+
 # claim_node: makes this state dir the machine's node owner, or dies if a live
 # node of another state dir has it. A dead owner's leftovers are cleaned first.
 claim_node() {
 	local owner
 	owner=$(node_owner)
 	[[ $owner != "$STATE" ]] || return 0
-	if [[ -n $owner && $owner != "$STATE" ]]; then
-		if node_alive "$owner"; then
-			die "a kiln test node already runs on this machine, for $owner (only one node per machine: the node IP $NODE_IP, bridge $BRIDGE, ports 10250/10248 and /run/containerd are machine-wide). Stop it first: KILN_TEST_ENV=$owner bash tests/env/down.sh"
-		fi
+	if [[ -n $owner ]]; then
+		node_conflict
 		log "cluster: the node of $owner is dead: cleaning up what it left on the host"
 		host_cleanup "$owner"
 	fi
@@ -417,9 +432,7 @@ wait_node() {
 # cluster_up APISERVER_PORT SSH_PORT EC2_PORT: everything after the apiserver is
 # ready. cluster_runtime (containerd, images) ran before, while it booted.
 cluster_runtime() {
-	[[ $(id -u) == 0 ]] || die "KILN_CLUSTER=1 needs root (containerd, the kubelet, iptables)"
-	local sock=$CL/kubelet/root/pod-resources/kubelet.sock
-	((${#sock} < 100)) || die "the state dir path is too long for the node's unix sockets ($sock): use a shorter KILN_TEST_ENV"
+	cluster_preflight
 	mkdir -p "$CL"
 	lock_node
 	claim_node

@@ -40,7 +40,10 @@ mkdir -p "$STATE"
 [[ $(id -u) != 0 ]] || chmod go+x "$STATE"
 lock_state
 CLUSTER=
-if cluster_requested; then CLUSTER=1; fi
+if cluster_requested; then
+	CLUSTER=1
+	cluster_preflight # before anything starts
+fi
 
 SUDO=
 [[ $(id -u) == 0 ]] || SUDO=sudo
