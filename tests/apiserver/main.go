@@ -5,6 +5,9 @@
 // Usage:
 //
 //	kiln-test-apiserver --dir DIR [--port N] [-- extra kube-apiserver flags...]
+//	kiln-test-apiserver kubelet|kube-scheduler|kube-controller-manager|cri-clean ...
+//
+// The second form runs the node components of the test cluster (node.go).
 //
 // Layout under DIR (created if missing):
 //
@@ -89,19 +92,25 @@ const (
 )
 
 func main() {
-	dir := flag.String("dir", "", "state directory (required)")
-	port := flag.Int("port", 0, "secure port on 127.0.0.1 (0 = pick a free one)")
-	controllers := flag.Bool("controllers", true, "run the in-process controllers (see controllers.go)")
-	flag.Usage = func() {
+	subcommand() // kubelet, kube-scheduler, ... (node.go): runs and exits
+	// A FlagSet of our own: the global one also holds the flags that linked-in
+	// packages (cadvisor, for the kubelet) register at init.
+	fl := flag.NewFlagSet(os.Args[0], flag.ExitOnError)
+	dir := fl.String("dir", "", "state directory (required)")
+	port := fl.Int("port", 0, "secure port on 127.0.0.1 (0 = pick a free one)")
+	controllers := fl.Bool("controllers", true, "run the in-process controllers (see controllers.go)")
+	fl.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: %s --dir DIR [--port N] [-- kube-apiserver flags...]\n", os.Args[0])
-		flag.PrintDefaults()
+		fmt.Fprintf(os.Stderr, "       %s kubelet|kube-scheduler|kube-controller-manager [flags...]\n", os.Args[0])
+		fmt.Fprintf(os.Stderr, "       %s cri-clean --endpoint unix:///path/to/containerd.sock\n", os.Args[0])
+		fl.PrintDefaults()
 	}
-	flag.Parse()
+	_ = fl.Parse(os.Args[1:])
 	if *dir == "" {
-		flag.Usage()
+		fl.Usage()
 		os.Exit(2)
 	}
-	if err := run(*dir, *port, *controllers, flag.Args()); err != nil {
+	if err := run(*dir, *port, *controllers, fl.Args()); err != nil {
 		fmt.Fprintf(os.Stderr, "kiln-test-apiserver: %v\n", err)
 		os.Exit(1)
 	}

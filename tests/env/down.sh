@@ -4,10 +4,16 @@
 # still there after a few seconds. Removes the pid files, the apiserver's ready
 # marker and env.sh. Keeps the rest of the state dir (logs) and the cached
 # apiserver binary; `down.sh --purge` removes the state dir too.
+#
+# A cluster-mode node (cluster.sh) goes first: every Pod sandbox is removed
+# through the CRI, then containerd stops, and what the node set up on the host
+# (lo address, bridge, iptables chains, mounts, cgroups, sysctls) is undone.
 set -euo pipefail
 
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=cluster.sh
+source "$KILN_ENV_DIR/cluster.sh"
 
 purge=
 case ${1:-} in
@@ -22,6 +28,7 @@ if [[ ! -d $STATE ]]; then
 fi
 lock_state
 
+cluster_down
 for f in "$STATE"/*.pid; do
 	[[ -e $f ]] || continue
 	name=$(basename "$f" .pid)
@@ -30,6 +37,7 @@ done
 rm -f "$STATE/apiserver/ready" "$STATE/env.sh"
 if [[ -n $purge ]]; then
 	exec 9>&-
-	rm -rf "$STATE"
+	# Not into a mount point that something failed to unmount.
+	rm -rf --one-file-system "$STATE"
 	log "removed $STATE"
 fi

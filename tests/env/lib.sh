@@ -59,9 +59,10 @@ start_daemon() {
 	shift 2
 	rm -f "$pidf"
 	# The child writes its own PID, then execs: right whether or not setsid forks.
-	# 9>&-: the daemon must not inherit the state dir's lock (see lock_state).
+	# 9>&- 8>&-: the daemon must not inherit the state dir's lock (see lock_state)
+	# or the machine's node lock (cluster.sh).
 	setsid bash -c 'echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pidf" "$@" \
-		</dev/null >"$logf" 2>&1 9>&- &
+		</dev/null >"$logf" 2>&1 9>&- 8>&- &
 	for ((i = 0; i < 100; i++)); do
 		[[ -s $pidf ]] && return 0
 		sleep 0.05

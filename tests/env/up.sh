@@ -7,7 +7,9 @@
 # - a real kube-apiserver (Kubernetes 1.34) + embedded etcd on 127.0.0.1,
 #   built from tests/apiserver and cached by content hash;
 # - an OpenSSH sshd of our own on 127.0.0.1 (not the system service);
-# - (hook) an EC2 test server, later.
+# - the EC2 test server (tests/ec2server);
+# - with KILN_CLUSTER=1, a one-node cluster on top of the apiserver: containerd,
+#   runc, CNI, kubelet, kube-scheduler, kube-controller-manager (cluster.sh).
 #
 # Idempotent: servers still alive from an earlier run are reused; dead ones
 # are restarted from scratch. Stop everything with tests/env/down.sh.
@@ -21,10 +23,15 @@
 #   KILN_SSHD_MAX_STARTUPS  sshd MaxStartups (default 200:30:400; the benchmark raises it)
 #   KILN_SSHD_MAX_SESSIONS  sshd MaxSessions (default 100)
 #   KILN_HELM_VERSION       helm to build, v3.x.y or v4.x.y (default v4.3.1)
+#   KILN_CLUSTER            1: also run the one-node cluster (root only); 0: stop it;
+#                           unset: keep it running if it is (README.md, "Cluster mode")
+#   KILN_NODE_TIMEOUT       seconds to wait for the node to be Ready (default 120)
 set -euo pipefail
 
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=cluster.sh
+source "$KILN_ENV_DIR/cluster.sh"
 
 T_ALL=$(now)
 mkdir -p "$STATE"
@@ -32,6 +39,11 @@ mkdir -p "$STATE"
 # user's rights: a private (0700, e.g. mktemp -d) state dir must let it through.
 [[ $(id -u) != 0 ]] || chmod go+x "$STATE"
 lock_state
+CLUSTER=
+if cluster_requested; then
+	CLUSTER=1
+	cluster_preflight # before anything starts
+fi
 
 SUDO=
 [[ $(id -u) == 0 ]] || SUDO=sudo
@@ -60,6 +72,21 @@ ensure_packages() {
 	{ command -v ssh && command -v ssh-keygen && command -v sftp; } >/dev/null || missing+=(openssh-client)
 	{ command -v setsid && command -v flock; } >/dev/null || missing+=(util-linux)
 	command -v lua5.1 >/dev/null || missing+=(lua5.1) # runs config/argocd/health.lua in tests
+	# tests/image.rs builds kiln's image with tests/env/image.sh (umoci, strip).
+	command -v umoci >/dev/null || missing+=(umoci)
+	command -v strip >/dev/null || missing+=(binutils)
+	if [[ -n $CLUSTER ]]; then
+		command -v containerd >/dev/null || missing+=(containerd)
+		[[ -x /usr/sbin/runc ]] || missing+=(runc)
+		[[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/portmap ]] || missing+=(containernetworking-plugins)
+		{ command -v iptables && command -v iptables-restore; } >/dev/null || missing+=(iptables)
+		{ command -v ip && command -v ss; } >/dev/null || missing+=(iproute2)
+		command -v gcc >/dev/null || missing+=(gcc)
+		[[ -f /usr/lib/x86_64-linux-gnu/libc.a || -n $(gcc -print-file-name=libc.a 2>/dev/null | grep /) ]] || missing+=(libc6-dev)
+		dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
+		[[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+		command -v python3 >/dev/null || missing+=(python3)
+	fi
 	((${#missing[@]})) || return 0
 	log "installing: ${missing[*]}"
 	# Keep apt from starting the system sshd: we run our own, and do not need it.
@@ -210,9 +237,17 @@ build_tools() {
 # --------------------------------------------------------------- apiserver
 APISERVER_REUSED=
 start_apiserver() {
-	local pid
+	local pid args
+	# For the cluster mode's kubelet (harmless without one, so always: switching
+	# modes then needs no new apiserver): logs and exec dial the node's
+	# InternalIP (its name does not resolve), as a client the kubelet accepts.
+	args=("$BIN" --dir "$STATE/apiserver" --port "${KILN_APISERVER_PORT:-0}" --
+		--kubelet-preferred-address-types=InternalIP,Hostname
+		--kubelet-client-certificate="$STATE/apiserver/pki/admin.crt"
+		--kubelet-client-key="$STATE/apiserver/pki/admin.key")
 	if pid=$(pid_of apiserver) && [[ -f $STATE/apiserver/ready && -f $STATE/apiserver/kubeconfig ]] &&
-		[[ $(readlink "/proc/$pid/exe") == "$BIN" ]]; then
+		[[ $(readlink "/proc/$pid/exe") == "$BIN" ]] &&
+		{ [[ -z $CLUSTER ]] || tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qx -- "--kubelet-client-key=.*"; }; then
 		log "apiserver: reusing pid $pid ($(<"$STATE/apiserver/ready"))"
 		APISERVER_REUSED=1
 		return
@@ -220,8 +255,7 @@ start_apiserver() {
 	stop_service apiserver
 	rm -rf "$STATE/apiserver"
 	mkdir -p "$STATE/apiserver"
-	start_daemon apiserver "$STATE/apiserver.log" \
-		"$BIN" --dir "$STATE/apiserver" --port "${KILN_APISERVER_PORT:-0}"
+	start_daemon apiserver "$STATE/apiserver.log" "${args[@]}"
 }
 
 wait_apiserver() {
@@ -256,9 +290,12 @@ ssh_probe() { ssh_as "$STATE/ssh/id_ed25519" "$STATE/ssh/known_hosts" "$1" true 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 write_known_hosts() { # write_known_hosts FILE PUBKEYFILE PORT
-	local type blob _
+	local type blob _ h
 	read -r type blob _ <"$2"
-	printf '[127.0.0.1]:%s %s %s\n[localhost]:%s %s %s\n' "$3" "$type" "$blob" "$3" "$type" "$blob" >"$1.tmp"
+	# $NODE_IP: how Pods of the cluster mode reach this sshd (cluster.sh's DNAT).
+	for h in 127.0.0.1 localhost "$NODE_IP"; do
+		printf '[%s]:%s %s %s\n' "$h" "$3" "$type" "$blob"
+	done >"$1.tmp"
 	mv "$1.tmp" "$1"
 }
 
@@ -267,6 +304,9 @@ start_sshd() {
 	local pid d="$STATE/sshd" k="$STATE/ssh" port attempt i
 	if pid=$(pid_of sshd) && [[ -s $d/port ]] && ssh_probe "$(<"$d/port")"; then
 		SSH_PORT=$(<"$d/port")
+		# (Again: an older up.sh wrote fewer names.)
+		write_known_hosts "$k/known_hosts" "$d/ssh_host_ed25519_key.pub" "$SSH_PORT"
+		write_known_hosts "$k/bad_known_hosts" "$d/bad_host_ed25519_key.pub" "$SSH_PORT"
 		log "sshd: reusing pid $pid on 127.0.0.1:$SSH_PORT"
 		return
 	fi
@@ -345,10 +385,33 @@ start_sshd() {
 # --------------------------------------------------------------------- ec2
 # The moto-based EC2 test server (tests/ec2server): its own cached venv, reused
 # while alive; down.sh stops it through $STATE/ec2.pid like the others.
+EC2_PORT=
 start_ec2() {
 	local line
 	line=$(bash "$KILN_ENV_DIR/../ec2server/start.sh" "$STATE" --authorized-keys "$STATE/authorized/instances") || die "the EC2 test server did not start (log: $STATE/ec2.log)"
 	ENV_EXTRA+=("$line")
+	EC2_PORT=${line##*:}
+}
+
+# ----------------------------------------------------------------- cluster
+# cluster.sh does the work; these add what Pods need to know to env.sh.
+start_cluster_node() {
+	local api
+	api=$(<"$STATE/apiserver/ready")
+	api=${api##*:}
+	cluster_node "$api" "$SSH_PORT" "$EC2_PORT"
+	ENV_EXTRA+=(
+		"KILN_CLUSTER=1"
+		"KILN_NODE_NAME=$NODE_NAME"
+		"KILN_NODE_IP=$NODE_IP"
+		"KILN_CONTAINERD_ADDRESS=$CTR_SOCK"
+		"KILN_POD_APISERVER=https://$SERVICE_IP:443"
+		"KILN_POD_SSH_HOST=$NODE_IP"
+		"KILN_POD_SSH_PORT=$SSH_PORT"
+		"KILN_POD_EC2_ENDPOINT=http://$NODE_IP:$EC2_PORT"
+		"KILN_POD_TOOLS_IMAGE=$TOOLS_IMAGE"
+		"KILN_POD_PAUSE_IMAGE=$PAUSE_IMAGE"
+	)
 }
 
 # ------------------------------------------------------------------ env.sh
@@ -403,6 +466,13 @@ phase apiserver-start start_apiserver
 phase tools build_tools
 phase sshd start_sshd
 phase ec2 start_ec2
+# containerd and the images while the apiserver boots; the node once it is ready.
+if [[ -n $CLUSTER ]]; then phase node-runtime cluster_runtime; fi
 phase apiserver-ready wait_apiserver
+if [[ -n $CLUSTER ]]; then
+	phase node start_cluster_node
+elif [[ ${KILN_CLUSTER:-} == 0 && -d $CL ]]; then
+	phase node-stop cluster_down
+fi
 write_env
 log "up in $(since "$T_ALL"); now: . $STATE/env.sh"
