@@ -3,8 +3,12 @@
 # EC2 server and an sshd with MaxStartups/MaxSessions raised for 500 concurrent
 # builds), with the operator built in release mode. Results: bench/results/*.json.
 #
-#   bash bench/run.sh                      # every scenario (about 15 minutes)
+#   bash bench/run.sh                      # every scenario (about 27 minutes)
 #   KILN_BENCH=null:10,ebs-delays:1 bash bench/run.sh
+#   KILN_BENCH=pipeline-source:100 KILN_BENCH_IDLE_SECONDS=60 bash bench/run.sh
+#
+# The idle-pipeline scenarios (pipeline-cron, pipeline-source) take their version-1
+# builds plus a window of KILN_BENCH_IDLE_SECONDS (default 300) each.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

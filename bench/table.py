@@ -5,7 +5,7 @@ import pathlib
 import sys
 
 ORDER = ["null-n1", "null-n10", "null-n100", "null-n500", "ebs-n1", "ebs-n10", "ebs-n100",
-         "ebs-delays-n1", "ebs-delays-n10", "ebs-delays-n100"]
+         "ebs-delays-n1", "ebs-delays-n10", "ebs-delays-n100", "pipeline-cron-n100", "pipeline-source-n100"]
 
 
 def load(dir_):
@@ -18,7 +18,9 @@ def f(v, digits=1):
 
 
 def main(dir_):
-    rows = load(dir_)
+    everything = load(dir_)
+    rows = [r for r in everything if "builds" in r]
+    idle = [r for r in everything if "pipelines" in r]
     print("| scenario | builds ok | wall s | builds/min | transition p50 / p99 / max ms "
           "| of which queued p99 / status write p99 ms | apiserver reads / writes per build "
           "| writes per step (kiln's own / events) | EC2 calls per build | operator peak RSS MiB "
@@ -51,7 +53,32 @@ def main(dir_):
         print(f"| {r['scenario']} | {f(c['machine_busy'])} ({f(c['machine_capacity'])}) "
               f"| {f(c['apiserver_and_etcd'])} | {f(c['sshd'])} | {f(c['ec2_server'])} "
               f"| {f(r['operator']['cpu_seconds'])} |")
+    if idle:
+        idle_table(idle)
 
+
+def idle_table(rows):
+    """The idle-pipeline scenarios: what one pipeline costs per hour when nothing changes."""
+    print()
+    print("Idle pipelines, per pipeline per hour of the window (WATCH: the watches' reconnects, "
+          "the same whatever the number of pipelines):")
+    print()
+    print("| scenario | at version 1 / builds in the window | window s | apiserver writes / reads (of which WATCH) "
+          "| reads and writes by verb, WATCH aside | status writes | reconciles | EC2 calls | operator CPU s "
+          "| operator CPU for all, of a core |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        h = r["per_pipeline_per_hour"]
+        api = h["apiserver"]
+        watch = sum(v for k, v in api["by_verb"].items() if k.startswith("WATCH "))
+        verbs = ", ".join(f"{k} {v:g}" for k, v in sorted(api["by_verb"].items(), key=lambda kv: -kv[1])
+                          if not k.startswith("WATCH ")) or "-"
+        rec = sum(v for k, v in h["reconciles"].items() if 'controller="imagepipeline"' in k)
+        ec2 = h.get("ec2_calls") or {}
+        print(f"| {r['scenario']} | {r['pipelines_at_version_1']}/{r['pipelines']} / {r['builds_started_in_window']} "
+              f"| {f(r['window_seconds'], 0)} | {f(api['writes'], 2)} / {f(api['reads'], 2)} ({f(watch, 2)}) "
+              f"| {verbs} | {f(h['status_writes'], 2)} | {f(rec, 2)} | {f(ec2.get('total'), 2)} "
+              f"| {f(h['operator_cpu_seconds'], 3)} | {f(r['operator']['cpu_percent_of_a_core'], 2)} % |")
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "results")

@@ -6,6 +6,15 @@
 //! Scenarios come from `KILN_BENCH` (default: all), e.g. `null:10,ebs:1,ebs-delays:10`.
 //! Each scenario gets a fresh namespace and a fresh operator process, so its peak RSS
 //! and CPU time are that scenario's alone.
+//!
+//! `pipeline-cron:N` and `pipeline-source:N` measure what an idle ImagePipeline costs:
+//! N pipelines build their version 1 (the template trigger), then nothing changes for
+//! `KILN_BENCH_IDLE_SECONDS` (default 300) and the window's apiserver requests, status
+//! writes, reconciles, EC2 calls and operator CPU are reported per pipeline per hour.
+//! `pipeline-cron` has a schedule that never fires in the window (`0 0 1 1 *`): the
+//! pure idle cost. `pipeline-source` checks its source every 10 s (`onSourceChange`,
+//! amazon-ebs against the EC2 test server); the filter matches one fixed image, so
+//! every check finds nothing to do.
 
 mod common;
 
@@ -14,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::{Ec2Server, Fixture, Operator, wait_until};
 use futures::StreamExt;
-use kiln::api::{BuildPhase, ImageBuild};
+use kiln::api::{BuildPhase, ImageBuild, ImagePipeline};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
@@ -26,6 +35,16 @@ enum Kind {
     Null,
     Ebs,
     EbsDelays,
+    /// Idle pipelines: a schedule that does not fire in the window.
+    PipelineCron,
+    /// Idle pipelines: a source check every 10 s that finds the same image.
+    PipelineSource,
+}
+
+impl Kind {
+    fn pipelines(self) -> bool {
+        matches!(self, Kind::PipelineCron | Kind::PipelineSource)
+    }
 }
 
 struct Scenario {
@@ -39,6 +58,8 @@ impl Scenario {
             Kind::Null => "null",
             Kind::Ebs => "ebs",
             Kind::EbsDelays => "ebs-delays",
+            Kind::PipelineCron => "pipeline-cron",
+            Kind::PipelineSource => "pipeline-source",
         };
         format!("{k}-n{}", self.n)
     }
@@ -46,7 +67,8 @@ impl Scenario {
 
 fn scenarios() -> Vec<Scenario> {
     let spec = std::env::var("KILN_BENCH").unwrap_or_else(|_| {
-        "null:1,null:10,null:100,null:500,ebs:1,ebs:10,ebs:100,ebs-delays:1,ebs-delays:10,ebs-delays:100"
+        "null:1,null:10,null:100,null:500,ebs:1,ebs:10,ebs:100,ebs-delays:1,ebs-delays:10,ebs-delays:100,\
+         pipeline-cron:100,pipeline-source:100"
             .into()
     });
     spec.split(',')
@@ -57,6 +79,8 @@ fn scenarios() -> Vec<Scenario> {
                 "null" => Kind::Null,
                 "ebs" => Kind::Ebs,
                 "ebs-delays" => Kind::EbsDelays,
+                "pipeline-cron" => Kind::PipelineCron,
+                "pipeline-source" => Kind::PipelineSource,
                 other => panic!("unknown scenario kind {other}"),
             };
             Scenario {
@@ -76,7 +100,11 @@ async fn benchmark() {
     println!("machine: {machine}");
     for s in scenarios() {
         println!("=== {} ===", s.name());
-        let mut result = run(&s).await;
+        let mut result = if s.kind.pipelines() {
+            run_idle(&s).await
+        } else {
+            run(&s).await
+        };
         result["machine"] = machine.clone();
         let path = out_dir.join(format!("{}.json", s.name()));
         std::fs::write(
@@ -300,6 +328,302 @@ async fn run(s: &Scenario) -> Value {
     result
 }
 
+/// The length of the idle window: `KILN_BENCH_IDLE_SECONDS` (default 300).
+fn idle_window() -> Duration {
+    let secs = std::env::var("KILN_BENCH_IDLE_SECONDS")
+        .ok()
+        .map(|v| v.parse().expect("KILN_BENCH_IDLE_SECONDS: seconds"))
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+/// Sample lines of one metric family, `name{labels} value`, by their labels.
+fn metric_family(text: &str, name: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once("} ")?;
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// N pipelines reach version 1, then an idle window: what each costs per hour when
+/// its triggers find nothing to do. Nothing but the operator talks to the apiserver
+/// in the window (the driver sleeps through it).
+async fn run_idle(s: &Scenario) -> Value {
+    let window = idle_window();
+    let mut fx = Fixture::new(&format!("bench-{}", s.name())).await;
+    fx.operator.kill();
+    let shell = json!([{"shell": {"inline": ["true"]}}]);
+    let (ec2, template, trigger) = match s.kind {
+        Kind::PipelineCron => (
+            None,
+            fx.null_build("t", shell)["spec"].clone(),
+            // Midnight of January 1st: not in the window (unless run then).
+            json!({"schedule": {"cron": "0 0 1 1 *"}}),
+        ),
+        _ => {
+            let ec2 = Ec2Server::from_env(&fx.env);
+            ec2.control("DELETE", "/_kiln/faults", None);
+            ec2.control("DELETE", "/_kiln/delays", None);
+            // One image named base-<ns>, which nothing else matches or publishes.
+            let source_ami = common::aws_setup(&fx, &ec2).await;
+            let mut b = common::ebs_build(
+                &fx,
+                &ec2,
+                &source_ami,
+                "t",
+                json!({
+                    "sourceAMI": null,
+                    "sourceAMIFilter": {
+                        "filters": {"name": format!("base-{}", fx.ns)},
+                        "owners": ["self"],
+                        "mostRecent": true,
+                    },
+                }),
+                shell,
+            );
+            // Unique per build: the pipelines share one template.
+            b["spec"]["builder"]["amazonEBS"]["amiName"] =
+                json!(format!("{}-{{{{ build.name }}}}", fx.ns));
+            (
+                Some(ec2),
+                b["spec"].clone(),
+                json!({"onSourceChange": {"checkInterval": "10s"}}),
+            )
+        }
+    };
+    let pipelines: Vec<ImagePipeline> = (0..s.n)
+        .map(|i| {
+            let mut spec = json!({"template": {"spec": template.clone()}});
+            for (k, v) in trigger.as_object().expect("trigger") {
+                spec[k] = v.clone();
+            }
+            serde_json::from_value(json!({
+                "apiVersion": "kiln.dev/v1alpha1",
+                "kind": "ImagePipeline",
+                "metadata": {"name": format!("p{i}"), "namespace": fx.ns},
+                "spec": spec,
+            }))
+            .expect("ImagePipeline json")
+        })
+        .collect();
+
+    let log = fx.env.dir.join("logs").join(format!("{}.json.log", fx.ns));
+    let _ = std::fs::remove_file(&log);
+    // KILN_BENCH_LOG: the operator's KILN_LOG, for a diagnosis (more log costs the
+    // operator CPU that the window would count).
+    let level = std::env::var("KILN_BENCH_LOG").unwrap_or_else(|_| "info".into());
+    let mut op = Operator::start_custom(
+        &fx.operator_kubeconfig,
+        &fx.ns,
+        &log,
+        &["--log-format", "json"],
+        &[("KILN_LOG", level.as_str())],
+    );
+    wait_until(Duration::from_secs(30), "operator ready", || async {
+        op.http_get("/readyz").await.ok().filter(|(c, _)| *c == 200)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Version 1 of every pipeline: its template trigger's build.
+    let api: kube::Api<ImagePipeline> = kube::Api::namespaced(fx.client.clone(), &fx.ns);
+    let t0 = Instant::now();
+    let pp = kube::api::PostParams::default();
+    let created: Vec<_> = futures::stream::iter(pipelines.iter())
+        .map(|p| api.create(&pp, p))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for c in created {
+        c.expect("create ImagePipeline");
+    }
+    let timeout = Duration::from_secs(120 + 3 * s.n as u64);
+    loop {
+        let list = api.list(&Default::default()).await.expect("list pipelines");
+        let ready = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.status.as_ref().is_some_and(|st| {
+                    st.latest_version == Some(1) && st.builds.iter().all(|b| b.settled)
+                })
+            })
+            .count();
+        if ready == s.n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "{}: {ready} of {} pipelines at version 1 after {:?}; operator log tail:\n{}",
+            s.name(),
+            s.n,
+            t0.elapsed(),
+            common::tail(&op.logs(), 40)
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let first_builds = t0.elapsed().as_secs_f64();
+    // The writes that follow a version (the reconcile its own status write causes).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // The window: the driver only sleeps.
+    let pid = op.pid();
+    let metrics_before = op.http_get("/metrics").await.expect("scrape").1;
+    let api_before = apiserver_requests(&fx).await;
+    if let Some(ec2) = &ec2 {
+        ec2.control("DELETE", "/_kiln/calls", None);
+    }
+    let cpu_before = cpu_profile(&fx.env);
+    let op_cpu_before = cpu_seconds(&pid.to_string(), false);
+    let w0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let op_cpu = cpu_seconds(&pid.to_string(), false) - op_cpu_before;
+    let cpu_after = cpu_profile(&fx.env);
+    let ec2_calls = ec2.as_ref().map(|e| e.control("GET", "/_kiln/calls", None));
+    let api_after = apiserver_requests(&fx).await;
+    let metrics_after = op.http_get("/metrics").await.expect("scrape").1;
+    let secs = w0.elapsed().as_secs_f64();
+    let (peak_rss_mib, _) = footprint(pid);
+
+    // Per pipeline per hour.
+    let scale = 3600.0 / secs / s.n as f64;
+    let delta = |k: &str| {
+        api_after.get(k).copied().unwrap_or(0.0) - api_before.get(k).copied().unwrap_or(0.0)
+    };
+    let mut by_verb = serde_json::Map::new();
+    let mut window_by_verb = serde_json::Map::new();
+    for (k, _) in api_after.iter().filter(|(k, _)| k.contains(' ')) {
+        let v = delta(k);
+        if v > 0.0 {
+            by_verb.insert(k.clone(), json!(round(v * scale, 2)));
+            window_by_verb.insert(k.clone(), json!(v));
+        }
+    }
+    let counter = |text: &str, series: &str| common::parse_metric(text, series);
+    let status_writes = counter(&metrics_after, "kiln_status_writes_total")
+        - counter(&metrics_before, "kiln_status_writes_total");
+    let reconciles_before = metric_family(&metrics_before, "kiln_reconciles_total");
+    let mut reconciles = serde_json::Map::new();
+    let mut window_reconciles = serde_json::Map::new();
+    for (labels, after) in metric_family(&metrics_after, "kiln_reconciles_total") {
+        let v = after - reconciles_before.get(&labels).copied().unwrap_or(0.0);
+        if v > 0.0 {
+            reconciles.insert(labels.clone(), json!(round(v * scale, 2)));
+            window_reconciles.insert(labels, json!(v));
+        }
+    }
+    let ec2_per_hour = ec2_calls.as_ref().map(|c| {
+        let mut m = serde_json::Map::new();
+        if let Some(actions) = c["actions"].as_object() {
+            for (a, v) in actions {
+                m.insert(
+                    a.clone(),
+                    json!(round(v["total"].as_f64().unwrap_or(0.0) * scale, 2)),
+                );
+            }
+        }
+        m.insert(
+            "total".into(),
+            json!(round(c["total"].as_f64().unwrap_or(0.0) * scale, 2)),
+        );
+        Value::Object(m)
+    });
+    let mut cpu = serde_json::Map::new();
+    for (k, v) in &cpu_after {
+        let used = v - cpu_before.get(k).copied().unwrap_or(0.0);
+        cpu.insert(k.clone(), json!(round(used, 2)));
+    }
+    cpu.insert(
+        "machine_capacity".into(),
+        json!(round(secs * machine_cpus(), 2)),
+    );
+
+    // Nothing changed: no pipeline started a second build.
+    let list = api.list(&Default::default()).await.expect("list pipelines");
+    let at_v1 = list
+        .items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.latest_version) == Some(1))
+        .count();
+    let started: i64 = list
+        .items
+        .iter()
+        .map(|p| p.status.as_ref().map_or(0, |s| s.sequence) - 1)
+        .sum();
+    let result = json!({
+        "scenario": s.name(),
+        "pipelines": s.n,
+        "trigger": trigger,
+        "pipelines_at_version_1": at_v1,
+        "builds_started_in_window": started,
+        "first_builds_seconds": round(first_builds, 2),
+        "window_seconds": round(secs, 1),
+        "per_pipeline_per_hour": {
+            "apiserver": {
+                "reads": round(delta("reads") * scale, 2),
+                "writes": round(delta("writes") * scale, 2),
+                "by_verb": by_verb,
+            },
+            "status_writes": round(status_writes * scale, 2),
+            "reconciles": reconciles,
+            "ec2_calls": ec2_per_hour,
+            "operator_cpu_seconds": round(op_cpu * scale, 4),
+        },
+        "window_totals": {
+            "apiserver_by_verb": window_by_verb,
+            "status_writes": status_writes,
+            "reconciles": window_reconciles,
+            "ec2_calls": ec2_calls.as_ref().map(|c| c["total"].clone()),
+        },
+        // CPU seconds over the window, by process (as for the build scenarios).
+        "cpu_seconds": cpu,
+        "operator": {
+            "peak_rss_mib": round(peak_rss_mib, 1),
+            "cpu_seconds": round(op_cpu, 2),
+            "cpu_percent_of_a_core": round(op_cpu / secs * 100.0, 2),
+        },
+    });
+
+    // Pipelines first (the operator releases their finalizers), then their builds.
+    let _ = api
+        .delete_collection(&Default::default(), &Default::default())
+        .await;
+    wait_until(Duration::from_secs(300), "pipelines deleted", || async {
+        api.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let builds = fx.api();
+    let _ = builds
+        .delete_collection(&Default::default(), &Default::default())
+        .await;
+    wait_until(Duration::from_secs(300), "builds deleted", || async {
+        builds
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    op.kill();
+    let nss: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(fx.client.clone());
+    let _ = nss.delete(&fx.ns, &Default::default()).await;
+    wait_until(Duration::from_secs(300), "namespace deleted", || async {
+        nss.get_opt(&fx.ns).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    result
+}
+
 fn round(v: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (v * f).round() / f
@@ -362,7 +686,7 @@ fn cpu_profile(env: &common::TestEnv) -> BTreeMap<String, f64> {
 }
 
 /// apiserver_request_total summed into reads and writes, over the resources the
-/// operator uses (the apiserver's own lease renewals and controllers excluded), plus
+/// operator uses (ImagePipelines too) (the apiserver's own lease renewals and controllers excluded), plus
 /// a "VERB resource" breakdown.
 async fn apiserver_requests(fx: &Fixture) -> BTreeMap<String, f64> {
     let req = http::Request::get("/metrics")
@@ -390,7 +714,14 @@ async fn apiserver_requests(fx: &Fixture) -> BTreeMap<String, f64> {
                 .to_string()
         };
         let resource = label("resource");
-        if !["imagebuilds", "secrets", "configmaps", "events"].contains(&resource.as_str())
+        if ![
+            "imagebuilds",
+            "imagepipelines",
+            "secrets",
+            "configmaps",
+            "events",
+        ]
+        .contains(&resource.as_str())
             || !label("dry_run").is_empty()
         {
             continue;
