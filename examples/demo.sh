@@ -14,6 +14,11 @@
 #   KILN_DEMO_NAMESPACE   namespace of the demo build (default kiln-demo)
 #   KILN_DEMO_EXIT=1      exit after printing the AMI instead of waiting for Ctrl-C
 #   KILN_DEMO_TIMEOUT     seconds the build may take (default 600)
+#   KILN_DEMO_MODE        host (default): the operator runs as a process here;
+#                         cluster: as a Pod of the one-node cluster (root only,
+#                         KILN_CLUSTER=1 of tests/env/up.sh), from its own image
+#                         (tests/env/image.sh) installed by charts/kiln, and the
+#                         build reaches the EC2 server and sshd from the Pod
 set -euo pipefail
 # Paths given relative to where the demo was started from.
 [[ -z ${KILN_TEST_ENV:-} ]] || KILN_TEST_ENV=$(realpath -m "$KILN_TEST_ENV")
@@ -24,6 +29,9 @@ export KILN_TEST_ENV=${KILN_TEST_ENV:-$PWD/.kiln-test-env}
 # shellcheck source-path=SCRIPTDIR/..
 source tests/env/lib.sh # STATE (= KILN_TEST_ENV), pid_of, stop_service, lock_state
 NS=${KILN_DEMO_NAMESPACE:-kiln-demo}
+MODE=${KILN_DEMO_MODE:-host}
+KILN_NS=$NS-kiln # cluster mode: the Helm release's namespace
+HELM_RELEASE=""
 NAME=demo
 TIMEOUT=${KILN_DEMO_TIMEOUT:-600}
 OP_PIDFILE=$STATE/demo-operator-$NS.pid # a *.pid: tests/env/down.sh stops it too
@@ -55,6 +63,11 @@ cleanup() {
 	if [[ -n $PROGRESS_PID ]]; then
 		kill -TERM "$PROGRESS_PID" 2>/dev/null || true
 		wait "$PROGRESS_PID" 2>/dev/null || true
+	fi
+	if [[ -n $HELM_RELEASE ]]; then
+		helm uninstall "$HELM_RELEASE" -n "$KILN_NS" --wait >/dev/null 2>&1 || true
+		"${KILN_KUBECTL:-kubectl}" delete namespace "$KILN_NS" --wait=false >/dev/null 2>&1 || true
+		printf '[demo] uninstalled kiln (helm release %s in %s)\n' "$HELM_RELEASE" "$KILN_NS" >&2
 	fi
 	if [[ -n $OP_PID ]]; then
 		kill -TERM "$OP_PID" 2>/dev/null || true
@@ -100,10 +113,23 @@ trap 'exit 143' TERM
 # dir, which `mktemp -d` makes 0700.
 mkdir -p "$STATE"
 [[ $(id -u) != 0 ]] || chmod go+x "$STATE"
+case $MODE in
+host) ;;
+cluster)
+	[[ $(id -u) == 0 ]] || fail "KILN_DEMO_MODE=cluster needs root (the node runs containers with runc)"
+	export KILN_CLUSTER=1
+	;;
+*) fail "KILN_DEMO_MODE=$MODE: host or cluster" ;;
+esac
 bash tests/env/up.sh
 # shellcheck disable=SC1091
 . "$STATE/env.sh"
 [[ -n ${KILN_EC2_ENDPOINT:-} ]] || fail "KILN_EC2_ENDPOINT missing from $STATE/env.sh"
+# Where the build's endpoint and SSH go: from this host, or from a Pod.
+BUILD_EC2=$KILN_EC2_ENDPOINT BUILD_SSH_HOST=$KILN_SSH_HOST BUILD_SSH_PORT=$KILN_SSH_PORT
+if [[ $MODE == cluster ]]; then
+	BUILD_EC2=$KILN_POD_EC2_ENDPOINT BUILD_SSH_HOST=$KILN_POD_SSH_HOST BUILD_SSH_PORT=$KILN_POD_SSH_PORT
+fi
 
 # ------------------------------------------------------------------- kubectl
 # env.sh puts up.sh's kubectl (the apiserver's version, built once) first on PATH.
@@ -127,28 +153,44 @@ k -n "$NS" create secret generic known-hosts --from-file=known_hosts="$KILN_SSH_
 	--dry-run=client -o yaml | k apply -f - >/dev/null
 say "CRD and RBAC installed; namespace $NS"
 
-# The operator runs as its ServiceAccount (config/rbac), watching the demo's namespace only.
-token=$(k -n kiln-system create token kiln --duration=24h)
-server=$(k config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}')
-ca=$(k config view --raw --minify --flatten -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
-(
-	umask 077
-	cat >"$OP_KUBECONFIG" <<-EOF
-		apiVersion: v1
-		kind: Config
-		clusters: [{name: kiln-test, cluster: {server: "$server", certificate-authority-data: "$ca"}}]
-		users: [{name: kiln, user: {token: "$token"}}]
-		contexts: [{name: kiln, context: {cluster: kiln-test, user: kiln, namespace: "$NS"}}]
-		current-context: kiln
-	EOF
-)
-mkdir -p "$STATE/logs"
-KILN_METRICS_ADDR=127.0.0.1:0 KILN_LOG=${KILN_LOG:-info} \
-	"$KILN_BIN" run --namespace "$NS" --kubeconfig "$OP_KUBECONFIG" \
-		--allowed-endpoints "$KILN_EC2_ENDPOINT" >"$OP_LOG" 2>&1 &
-OP_PID=$!
-echo "$OP_PID" >"$OP_PIDFILE"
-say "operator running (pid $OP_PID, log $OP_LOG)"
+if [[ $MODE == cluster ]]; then
+	# kiln's image from this binary, into the node's containerd; the chart runs it.
+	bash tests/env/image.sh --binary "$KILN_BIN" --import >/dev/null
+	# Named for the namespace: the release's ClusterRole must not be config/rbac's `kiln`.
+	helm upgrade --install "kiln-op-$NS" charts/kiln -n "$KILN_NS" --create-namespace \
+		--set "watchNamespaces[0]=$NS" --set "aws.allowedEndpoints[0]=$BUILD_EC2" \
+		--set log.format=text --wait --timeout 180s >/dev/null
+	HELM_RELEASE=kiln-op-$NS
+	mkdir -p "$STATE/logs"
+	# The Pod's log, followed: it ends when the Pod does (the build follower's
+	# "operator exited").
+	k -n "$KILN_NS" logs -f "deploy/$HELM_RELEASE" >"$OP_LOG" 2>&1 &
+	OP_PID=$!
+	say "kiln runs as a Pod (helm release $HELM_RELEASE in $KILN_NS; log $OP_LOG)"
+else
+	# The operator runs as its ServiceAccount (config/rbac), watching the demo's namespace only.
+	token=$(k -n kiln-system create token kiln --duration=24h)
+	server=$(k config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}')
+	ca=$(k config view --raw --minify --flatten -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
+	(
+		umask 077
+		cat >"$OP_KUBECONFIG" <<-EOF
+			apiVersion: v1
+			kind: Config
+			clusters: [{name: kiln-test, cluster: {server: "$server", certificate-authority-data: "$ca"}}]
+			users: [{name: kiln, user: {token: "$token"}}]
+			contexts: [{name: kiln, context: {cluster: kiln-test, user: kiln, namespace: "$NS"}}]
+			current-context: kiln
+		EOF
+	)
+	mkdir -p "$STATE/logs"
+	KILN_METRICS_ADDR=127.0.0.1:0 KILN_LOG=${KILN_LOG:-info} \
+		"$KILN_BIN" run --namespace "$NS" --kubeconfig "$OP_KUBECONFIG" \
+			--allowed-endpoints "$KILN_EC2_ENDPOINT" >"$OP_LOG" 2>&1 &
+	OP_PID=$!
+	echo "$OP_PID" >"$OP_PIDFILE"
+	say "operator running (pid $OP_PID, log $OP_LOG)"
+fi
 
 # A previous demo's build in this namespace goes first (the operator releases its finalizer).
 k -n "$NS" delete imagebuild "$NAME" --ignore-not-found --wait=true --timeout=120s >/dev/null
@@ -285,9 +327,9 @@ EOF
 PROGRESS_PID=$!
 
 export KILN_DEMO_DIR=/tmp/kiln-demo-$NS
-say "applying examples/amazon-ebs.yaml: ImageBuild $NS/$NAME, against the EC2 server at $KILN_EC2_ENDPOINT"
-sed -e "s|\${KILN_EC2_ENDPOINT}|$KILN_EC2_ENDPOINT|g" -e "s|\${KILN_SSH_USER}|$KILN_SSH_USER|g" \
-	-e "s|\${KILN_SSH_HOST}|$KILN_SSH_HOST|g" -e "s|\${KILN_SSH_PORT}|$KILN_SSH_PORT|g" \
+say "applying examples/amazon-ebs.yaml: ImageBuild $NS/$NAME, against the EC2 server at $BUILD_EC2"
+sed -e "s|\${KILN_EC2_ENDPOINT}|$BUILD_EC2|g" -e "s|\${KILN_SSH_USER}|$KILN_SSH_USER|g" \
+	-e "s|\${KILN_SSH_HOST}|$BUILD_SSH_HOST|g" -e "s|\${KILN_SSH_PORT}|$BUILD_SSH_PORT|g" \
 	-e "s|\${KILN_DEMO_DIR}|$KILN_DEMO_DIR|g" examples/amazon-ebs.yaml | k -n "$NS" apply -f - >/dev/null
 
 rc=0

@@ -490,3 +490,36 @@ async fn kustomize_installs_kiln_as_a_pod_that_builds() {
     // The test environment's own operator account lives in kiln-system too: back.
     common::install(&f.env).await;
 }
+
+/// `KILN_DEMO_MODE=cluster examples/demo.sh`: the demo's amazon-ebs build, run by
+/// kiln as a Pod installed by the chart, reaches its AMI line; the demo then
+/// uninstalls what it installed and leaves the servers (already running) alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_runs_its_build_from_a_pod_in_cluster_mode() {
+    let Some(c) = cluster() else { return };
+    let _g = SERIAL.lock().await;
+    let ns = format!("demo-cl-{}", short_id());
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg("examples/demo.sh")
+        .current_dir(repo_root())
+        .env("KILN_TEST_ENV", c.get("KILN_TEST_ENV"))
+        .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_DEMO_MODE", "cluster")
+        .env("KILN_DEMO_NAMESPACE", &ns)
+        .env("KILN_DEMO_EXIT", "1")
+        .env("KILN_DEMO_TIMEOUT", "300")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("AMI: ami-"), "{last:?}\n{stderr}");
+    assert!(stdout.contains("kiln runs as a Pod"), "{stdout}");
+    eprintln!("cluster demo: {:?}", started.elapsed());
+    // What the demo installed is gone; the servers it found running still run.
+    let releases = c.kubectl(&["get", "deploy", "-A", "-o", "name"]);
+    assert!(!releases.contains(&format!("kiln-op-{ns}")), "{releases}");
+    c.kubectl(&["get", "nodes"]);
+}

@@ -816,7 +816,7 @@ impl Ec2Server {
             .region(aws_sdk_ec2::config::Region::new(region.to_string()))
             .endpoint_url(&self.endpoint)
             .credentials_provider(creds)
-            .http_client(kiln::builders::amazon::http_client())
+            .http_client(kiln::builders::amazon::new_http_client())
             .build();
         aws_sdk_ec2::Client::from_conf(conf)
     }

@@ -186,7 +186,19 @@ impl Intercept for CallMetrics {
 }
 
 /// HTTPS for the AWS SDK: rustls with ring and the system's trust roots.
+///
+/// One for the process, shared by every client: building one loads the root
+/// certificates (the largest cost of a pipeline's source check, by a profile of the
+/// benchmark), and a shared one keeps its connections for the next call. Its
+/// pooled connections belong to the runtime that opened them: the operator has one.
 pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
+    static SHARED: std::sync::OnceLock<aws_sdk_ec2::config::SharedHttpClient> =
+        std::sync::OnceLock::new();
+    SHARED.get_or_init(new_http_client).clone()
+}
+
+/// A client of its own, for code that runs several runtimes (tests).
+pub fn new_http_client() -> aws_sdk_ec2::config::SharedHttpClient {
     use aws_smithy_http_client::tls;
     aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(

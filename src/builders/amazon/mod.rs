@@ -14,7 +14,7 @@ mod source;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use client::{AwsError, Ec2, http_client};
+pub use client::{AwsError, Ec2, http_client, new_http_client};
 pub use image::RemoveArtifacts;
 pub use source::current_source;
 
