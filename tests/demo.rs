@@ -32,7 +32,7 @@ const STEPS: [&str; 12] = [
 ];
 
 /// Variables of a sourced env.sh that would point the demo at another environment.
-const ENV_VARS: [&str; 11] = [
+const ENV_VARS: [&str; 21] = [
     "KUBECONFIG",
     "KILN_SSH_HOST",
     "KILN_SSH_PORT",
@@ -44,6 +44,18 @@ const ENV_VARS: [&str; 11] = [
     "KILN_EC2_ENDPOINT",
     "KILN_TEST_BIN",
     "KILN_DEMO_EXIT",
+    // The shared environment's node: a demo on its own state dir must not ask for
+    // one (one node per machine).
+    "KILN_CLUSTER",
+    "KILN_NODE_NAME",
+    "KILN_NODE_IP",
+    "KILN_CONTAINERD_ADDRESS",
+    "KILN_POD_APISERVER",
+    "KILN_POD_SSH_HOST",
+    "KILN_POD_SSH_PORT",
+    "KILN_POD_EC2_ENDPOINT",
+    "KILN_POD_TOOLS_IMAGE",
+    "KILN_POD_PAUSE_IMAGE",
 ];
 
 /// `bash examples/demo.sh` in its own process group (as a shell runs a foreground
@@ -496,6 +508,7 @@ async fn a_failed_build_exits_non_zero_with_the_status_message() {
         .arg("tests/env/up.sh")
         .current_dir(repo_root())
         .env("KILN_TEST_ENV", &state)
+        .env_remove("KILN_CLUSTER")
         .output()
         .unwrap();
     assert!(
