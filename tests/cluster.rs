@@ -85,6 +85,28 @@ impl Cluster {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// `helm install` of charts/kiln with these `--set` values (and text logs),
+    /// waiting for it.
+    fn install(&self, release: &str, ns: &str, sets: &[String]) {
+        let mut args = vec![
+            "install",
+            release,
+            "charts/kiln",
+            "-n",
+            ns,
+            "--create-namespace",
+            "--set",
+            "log.format=text",
+            "--wait",
+            "--timeout",
+            "180s",
+        ];
+        for s in sets {
+            args.extend(["--set", s.as_str()]);
+        }
+        self.ok("helm", &args, None);
+    }
+
     fn kubectl(&self, args: &[&str]) -> String {
         self.ok("kubectl", args, None)
     }
@@ -226,26 +248,13 @@ async fn helm_installs_kiln_as_a_pod_that_builds_and_uninstalls_clean() {
     let release = format!("r{}", short_id());
     let kiln_ns = format!("kiln-{release}");
     let started = Instant::now();
-    c.ok(
-        "helm",
+    c.install(
+        &release,
+        &kiln_ns,
         &[
-            "install",
-            &release,
-            "charts/kiln",
-            "-n",
-            &kiln_ns,
-            "--create-namespace",
-            "--set",
-            &format!("watchNamespaces[0]={}", f.ns),
-            "--set",
-            &format!("aws.allowedEndpoints[0]={}", c.get("KILN_POD_EC2_ENDPOINT")),
-            "--set",
-            "log.format=text",
-            "--wait",
-            "--timeout",
-            "180s",
+            format!("watchNamespaces[0]={}", f.ns),
+            format!("aws.allowedEndpoints[0]={}", c.get("KILN_POD_EC2_ENDPOINT")),
         ],
-        None,
     );
     let deploy = format!("{release}-kiln");
     c.kubectl(&[
@@ -347,26 +356,13 @@ async fn the_standby_pod_takes_over_a_running_build_from_a_deleted_leader() {
     f.operator.kill();
     let release = format!("r{}", short_id());
     let kiln_ns = format!("kiln-{release}");
-    c.ok(
-        "helm",
+    c.install(
+        &release,
+        &kiln_ns,
         &[
-            "install",
-            &release,
-            "charts/kiln",
-            "-n",
-            &kiln_ns,
-            "--create-namespace",
-            "--set",
-            &format!("watchNamespaces[0]={}", f.ns),
-            "--set",
-            "replicaCount=2",
-            "--set",
-            "log.format=text",
-            "--wait",
-            "--timeout",
-            "180s",
+            format!("watchNamespaces[0]={}", f.ns),
+            "replicaCount=2".to_string(),
         ],
-        None,
     );
     let deploy = format!("{release}-kiln");
     let lease_name = format!("{deploy}-leader");

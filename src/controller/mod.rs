@@ -890,6 +890,25 @@ async fn publish(
     action: String,
     note: String,
 ) {
+    spawn_event(
+        &ctx.recorder,
+        obj.object_ref(&()),
+        warning,
+        reason,
+        action,
+        note,
+    );
+}
+
+/// Publishes an Event about `reference` in the background (both controllers' events).
+pub(crate) fn spawn_event(
+    recorder: &Recorder,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+    warning: bool,
+    reason: &str,
+    action: String,
+    note: String,
+) {
     let ev = Event {
         type_: if warning {
             EventType::Warning
@@ -901,8 +920,7 @@ async fn publish(
         action,
         secondary: None,
     };
-    let recorder = ctx.recorder.clone();
-    let reference = obj.object_ref(&());
+    let recorder = recorder.clone();
     let reason = reason.to_string();
     tokio::spawn(
         async move {
@@ -916,7 +934,7 @@ async fn publish(
 
 /// The apiserver refuses an Event whose note is longer than 1024 bytes, and the
 /// longest notes (a failed script's last output) are the most useful: cut them.
-pub(crate) fn event_note(mut note: String) -> String {
+fn event_note(mut note: String) -> String {
     const LIMIT: usize = 1024;
     if note.len() <= LIMIT {
         return note;

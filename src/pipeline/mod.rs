@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PostParams, Preconditions};
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -617,26 +617,12 @@ fn publish(
     action: String,
     note: String,
 ) {
-    let ev = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(crate::controller::event_note(note)),
+    crate::controller::spawn_event(
+        &ctx.recorder,
+        obj.object_ref(&()),
+        warning,
+        reason,
         action,
-        secondary: None,
-    };
-    let recorder = ctx.recorder.clone();
-    let reference = obj.object_ref(&());
-    let reason = reason.to_string();
-    tokio::spawn(
-        async move {
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(error = %e, reason, "could not publish event");
-            }
-        }
-        .in_current_span(),
+        note,
     );
 }
