@@ -94,7 +94,10 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
         (
             "empty provisioner",
             Box::new(|v| set(v, &["spec", "provisioners"], json!([{}]))),
-            &["spec.provisioners[0]", "exactly one of shell or file"],
+            &[
+                "spec.provisioners[0]",
+                "exactly one of shell, file or shellLocal",
+            ],
         ),
         (
             "empty inline command",

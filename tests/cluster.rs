@@ -519,3 +519,134 @@ async fn the_demo_runs_its_build_from_a_pod_in_cluster_mode() {
     assert!(!releases.contains(&format!("kiln-op-{ns}")), "{releases}");
     c.kubectl(&["get", "nodes"]);
 }
+
+/// `shellLocal`: the script runs in a runner Pod of the build's namespace (no
+/// ServiceAccount token, non-root, read-only root filesystem) with the build facts,
+/// its Secret values redacted from the output; the Pod is gone when the build is;
+/// a failing script fails the step with its exit code and last lines; an operator
+/// killed while it runs finds the same Pod and waits for it (one Pod, one run).
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
+    let Some(c) = cluster() else { return };
+    let _g = SERIAL.lock().await;
+    let mut f = Fixture::new("cl-local").await;
+    let image = c.get("KILN_POD_TOOLS_IMAGE");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(f.client.clone(), &f.ns);
+    secrets
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "token"},
+                "stringData": {"value": "s3cr3t-token-value"},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let local = |script: &[&str]| {
+        json!([{"shellLocal": {
+            "image": image,
+            "inline": script,
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "token", "key": "value"}}}],
+        }}])
+    };
+    let ok = f.null_build(
+        "facts",
+        local(&[
+            "test ! -e /var/run/secrets/kubernetes.io/serviceaccount/token",
+            "test \"$(id -u)\" = 65532",
+            "! touch /should-not-write 2>/dev/null",
+            "touch /tmp/can-write",
+            "env | grep '^KILN_' | sort",
+            "echo \"token is $TOKEN\"",
+        ]),
+    );
+    f.create(&ok).await.unwrap();
+    let ib = f
+        .wait_phase("facts", BuildPhase::Succeeded, Duration::from_secs(120))
+        .await;
+    let log = f.operator.logs();
+    assert!(
+        log.contains("KILN_BUILD_NAME=facts") && log.contains("KILN_STEP=shell-local-1"),
+        "{}",
+        common::tail(&log, 40)
+    );
+    assert!(
+        log.contains("token is <redacted>"),
+        "{}",
+        common::tail(&log, 40)
+    );
+    assert!(!log.contains("s3cr3t-token-value"));
+    let step = ib
+        .status
+        .unwrap()
+        .steps
+        .into_iter()
+        .find(|s| s.name == "shell-local-1")
+        .unwrap();
+    let pod = step
+        .resources
+        .iter()
+        .find(|r| r.kind == "Pod")
+        .unwrap()
+        .id
+        .clone();
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(f.client.clone(), &f.ns);
+    wait_until(Duration::from_secs(30), "the runner Pod gone", || async {
+        pods.get_opt(&pod).await.unwrap().is_none().then_some(())
+    })
+    .await;
+
+    // A failing script.
+    f.create(&f.null_build("fails", local(&["echo about to fail", "exit 7"])))
+        .await
+        .unwrap();
+    let ib = f
+        .wait_phase("fails", BuildPhase::Failed, Duration::from_secs(120))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains("exited with code 7") && msg.contains("about to fail"),
+        "{msg}"
+    );
+
+    // The operator killed while the script runs: the same Pod, once.
+    f.create(&f.null_build("slow", local(&["sleep 8", "echo slow done"])))
+        .await
+        .unwrap();
+    let api = f.api();
+    let name = wait_until(Duration::from_secs(60), "the runner Pod", || async {
+        let ib = api.get("slow").await.ok()?;
+        let st = ib.status?;
+        let s = st.steps.iter().find(|s| s.name == "shell-local-1")?;
+        let id = s.resources.iter().find(|r| r.kind == "Pod")?.id.clone();
+        pods.get_opt(&id).await.ok()??;
+        Some(id)
+    })
+    .await;
+    let uid = pods.get(&name).await.unwrap().metadata.uid;
+    f.restart_operator();
+    wait_until(Duration::from_secs(60), "the step resumed", || async {
+        let ib = api.get("slow").await.ok()?;
+        let s = ib
+            .status?
+            .steps
+            .into_iter()
+            .find(|s| s.name == "shell-local-1")?;
+        (s.attempts >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        pods.get(&name).await.unwrap().metadata.uid,
+        uid,
+        "a second Pod"
+    );
+    f.wait_phase("slow", BuildPhase::Succeeded, Duration::from_secs(120))
+        .await;
+    wait_until(Duration::from_secs(30), "the runner Pod gone", || async {
+        pods.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}

@@ -412,11 +412,12 @@ pub struct HostKeyPolicy {
     pub insecure_ignore: Option<bool>,
 }
 
-/// Exactly one of `shell` or `file`.
+/// Exactly one of `shell`, `file` or `shellLocal`.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
-    "(has(self.shell) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1"
-).message("each provisioner must set exactly one of shell or file"))]
+    "(has(self.shell) ? 1 : 0) + (has(self.file) ? 1 : 0) + (has(self.shellLocal) ? 1 : 0) == 1"
+).message("each provisioner must set exactly one of shell, file or shellLocal"))]
 pub struct Provisioner {
     /// Run a script on the build machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -424,6 +425,41 @@ pub struct Provisioner {
     /// Write a file on the build machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileProvisioner>,
+    /// Run a script on kiln's side, in a runner Pod of the build's namespace, with
+    /// the build facts as `KILN_*` variables (e.g. a tool that talks to the machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell_local: Option<ShellLocalProvisioner>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.inline) ? 1 : 0) + (has(self.scriptFrom) ? 1 : 0) == 1"
+).message("set exactly one of inline or scriptFrom"))]
+pub struct ShellLocalProvisioner {
+    /// Commands run by `/bin/sh -e` in the runner Pod, one script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1000))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(c, size(c) > 0)")
+        .message("commands must not be empty"))]
+    pub inline: Option<Vec<String>>,
+    /// A script from a ConfigMap key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_from: Option<ScriptSource>,
+    /// Environment of the script; values from Secrets are masked in all output.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub env: Vec<EnvVar>,
+    /// Limit on the whole script, e.g. `10m`.
+    #[serde(default = "default_shell_timeout")]
+    #[x_kube(validation = duration::rule())]
+    #[schemars(length(max = 32))]
+    pub timeout: String,
+    /// Image of the runner Pod (it needs `/bin/sh`); default: the operator's
+    /// `--runner-image` (the chart's `runner.image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]

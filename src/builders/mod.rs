@@ -9,6 +9,7 @@ use crate::api::{ImageBuildSpec, Provisioner};
 use crate::engine::Plan;
 use crate::provisioners::file::FileStep;
 use crate::provisioners::shell::ShellStep;
+use crate::provisioners::shell_local::ShellLocalStep;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
@@ -159,20 +160,34 @@ pub fn regions(spec: &ImageBuildSpec) -> Vec<String> {
 pub fn provisioner_steps(provisioners: &[Provisioner]) -> Result<Plan, PlanError> {
     let mut steps: Plan = Vec::with_capacity(provisioners.len());
     for (i, p) in provisioners.iter().enumerate() {
-        match (&p.shell, &p.file) {
-            (Some(shell), None) => steps.push(Arc::new(ShellStep {
+        // The one dispatch point for provisioners: each set field is a candidate.
+        let mut set: Vec<Arc<dyn crate::engine::Step>> = Vec::new();
+        if let Some(shell) = &p.shell {
+            set.push(Arc::new(ShellStep {
                 name: format!("shell-{}", i + 1),
                 index: i,
                 spec: shell.clone(),
-            })),
-            (None, Some(file)) => steps.push(Arc::new(FileStep {
+            }));
+        }
+        if let Some(file) = &p.file {
+            set.push(Arc::new(FileStep {
                 name: format!("file-{}", i + 1),
                 index: i,
                 spec: file.clone(),
-            })),
+            }));
+        }
+        if let Some(local) = &p.shell_local {
+            set.push(Arc::new(ShellLocalStep {
+                name: format!("shell-local-{}", i + 1),
+                index: i,
+                spec: local.clone(),
+            }));
+        }
+        match (set.pop(), set.is_empty()) {
+            (Some(step), true) => steps.push(step),
             _ => {
                 return Err(PlanError::Invalid(format!(
-                    "spec.provisioners[{i}]: set exactly one of shell or file"
+                    "spec.provisioners[{i}]: set exactly one of shell, file or shellLocal"
                 )));
             }
         }

@@ -4,6 +4,7 @@ pub mod connect;
 pub mod file;
 mod mask;
 pub mod shell;
+pub mod shell_local;
 
 use std::collections::BTreeMap;
 

@@ -43,32 +43,13 @@ impl ShellStep {
     }
 
     async fn script(&self, ctx: &StepContext) -> Result<String, StepError> {
-        if let Some(lines) = &self.spec.inline {
-            let mut s = String::from("#!/bin/sh -e\n");
-            for l in lines {
-                s.push_str(l);
-                s.push('\n');
-            }
-            return Ok(s);
-        }
-        let Some(src) = &self.spec.script_from else {
-            return Err(StepError::Failed(format!(
-                "{}: set inline or scriptFrom",
-                self.field()
-            )));
-        };
-        let r = &src.config_map_key_ref;
-        let field = format!("{}.scriptFrom.configMapKeyRef", self.field());
-        let body = refs::config_map_key(&ctx.client, &ctx.facts.namespace, &r.name, &r.key, &field)
-            .await
-            .map_err(|e| StepError::Failed(e.to_string()))?;
-        let body = String::from_utf8(body)
-            .map_err(|_| StepError::Failed(format!("{field}: the script is not UTF-8 text")))?;
-        if body.starts_with("#!") {
-            Ok(body)
-        } else {
-            Ok(format!("#!/bin/sh\n{body}"))
-        }
+        script(
+            ctx,
+            self.spec.inline.as_deref(),
+            self.spec.script_from.as_ref(),
+            &self.field(),
+        )
+        .await
     }
 
     /// Environment for the script, and the secret values to redact from its output.
@@ -76,42 +57,80 @@ impl ShellStep {
         &self,
         ctx: &StepContext,
     ) -> Result<(BTreeMap<String, String>, Vec<String>), StepError> {
-        let mut env = build_facts(ctx);
-        let mut secrets = Vec::new();
-        for (i, v) in self.spec.env.iter().enumerate() {
-            let value = match (&v.value, &v.value_from) {
-                (Some(value), _) => value.clone(),
-                (None, Some(from)) => {
-                    let r = &from.secret_key_ref;
-                    let field = format!("{}.env[{i}].valueFrom.secretKeyRef", self.field());
-                    let bytes = refs::secret_key(
-                        &ctx.client,
-                        &ctx.facts.namespace,
-                        &r.name,
-                        &r.key,
-                        &field,
-                    )
-                    .await
-                    .map_err(|e| StepError::Failed(e.to_string()))?;
-                    let value = String::from_utf8(bytes.0).map_err(|_| {
-                        StepError::Failed(format!("{field}: the value is not UTF-8 text"))
-                    })?;
-                    if !value.is_empty() {
-                        secrets.push(value.clone());
-                    }
-                    value
-                }
-                (None, None) => {
-                    return Err(StepError::Failed(format!(
-                        "{}.env[{i}]: set value or valueFrom",
-                        self.field()
-                    )));
-                }
-            };
-            env.insert(v.name.clone(), value);
-        }
-        Ok((env, secrets))
+        env(ctx, &self.spec.env, &self.field()).await
     }
+}
+
+/// The script of a shell or shell-local step: inline commands, or a ConfigMap key.
+pub(crate) async fn script(
+    ctx: &StepContext,
+    inline: Option<&[String]>,
+    script_from: Option<&crate::api::ScriptSource>,
+    field: &str,
+) -> Result<String, StepError> {
+    if let Some(lines) = inline {
+        let mut s = String::from("#!/bin/sh -e\n");
+        for l in lines {
+            s.push_str(l);
+            s.push('\n');
+        }
+        return Ok(s);
+    }
+    let Some(src) = script_from else {
+        return Err(StepError::Failed(format!(
+            "{field}: set inline or scriptFrom"
+        )));
+    };
+    let r = &src.config_map_key_ref;
+    let field = format!("{field}.scriptFrom.configMapKeyRef");
+    let body = refs::config_map_key(&ctx.client, &ctx.facts.namespace, &r.name, &r.key, &field)
+        .await
+        .map_err(|e| StepError::Failed(e.to_string()))?;
+    let body = String::from_utf8(body)
+        .map_err(|_| StepError::Failed(format!("{field}: the script is not UTF-8 text")))?;
+    if body.starts_with("#!") {
+        Ok(body)
+    } else {
+        Ok(format!("#!/bin/sh\n{body}"))
+    }
+}
+
+/// The build facts and the step's `env`, and the Secret values to redact from its
+/// output.
+pub(crate) async fn env(
+    ctx: &StepContext,
+    vars: &[crate::api::EnvVar],
+    field: &str,
+) -> Result<(BTreeMap<String, String>, Vec<String>), StepError> {
+    let mut env = build_facts(ctx);
+    let mut secrets = Vec::new();
+    for (i, v) in vars.iter().enumerate() {
+        let value = match (&v.value, &v.value_from) {
+            (Some(value), _) => value.clone(),
+            (None, Some(from)) => {
+                let r = &from.secret_key_ref;
+                let field = format!("{field}.env[{i}].valueFrom.secretKeyRef");
+                let bytes =
+                    refs::secret_key(&ctx.client, &ctx.facts.namespace, &r.name, &r.key, &field)
+                        .await
+                        .map_err(|e| StepError::Failed(e.to_string()))?;
+                let value = String::from_utf8(bytes.0).map_err(|_| {
+                    StepError::Failed(format!("{field}: the value is not UTF-8 text"))
+                })?;
+                if !value.is_empty() {
+                    secrets.push(value.clone());
+                }
+                value
+            }
+            (None, None) => {
+                return Err(StepError::Failed(format!(
+                    "{field}.env[{i}]: set value or valueFrom"
+                )));
+            }
+        };
+        env.insert(v.name.clone(), value);
+    }
+    Ok((env, secrets))
 }
 
 impl Step for ShellStep {
