@@ -735,6 +735,7 @@ fn reference_has_an_example_of_each_builder_and_provisioner() {
             "file from a Secret",
             has(&|p| p["file"]["from"]["secretKeyRef"].is_object()),
         ),
+        ("shellLocal", has(&|p| p["shellLocal"]["inline"].is_array())),
     ];
     let missing: Vec<&str> = wanted
         .iter()
