@@ -232,7 +232,6 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
             .unwrap_or(Duration::from_secs(3600))
             .max(Duration::from_secs(1));
         let next = now.checked_add(interval).unwrap_or(now);
-        lock(&ctx.checks).insert(uid.clone(), next);
         (Some(found), Some(next))
     } else {
         (None, next_check)
@@ -275,6 +274,12 @@ async fn reconcile_one(obj: &ImagePipeline, ns: &str, ctx: &Context) -> Result<R
         if fresh.resource_version() != obj.resource_version() {
             return Ok(Requeue::requeue(Duration::from_millis(100)));
         }
+    }
+    // The look-up counts once its decision is written: after a conflict the next
+    // reconcile looks again at once, rather than an interval later with what this
+    // one found lost.
+    if source_due && let Some(next) = next_source_check {
+        lock(&ctx.checks).insert(uid.clone(), next);
     }
 
     let mut after = next.clone();
