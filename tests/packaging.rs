@@ -813,9 +813,9 @@ podLabels: {{team: images}}
 /// `kubectl apply -k config/`, for real. tests/common applies parts of config/ too
 /// (CRD, namespace, ServiceAccount, ClusterRole and binding) with the same content,
 /// so server-side apply with another field manager is a no-op for those. What this
-/// adds in kiln-system (the Deployment, which never runs a pod here, the Service and
-/// the Lease Role) stays: removing it could pull the Role from under a concurrent run
-/// of this test, and nothing else is affected by it.
+/// adds in kiln-system (the Service and the Lease Role) stays: removing it could pull
+/// the Role from under a concurrent run of this test. The Deployment goes: with the
+/// one-node cluster its Pod runs.
 #[test]
 fn kustomize_install_grants_what_the_operator_needs() {
     apply(&["-k", "config/"], None);
@@ -912,6 +912,21 @@ fn kustomize_install_grants_what_the_operator_needs() {
             ("update pods -n default", false),
             ("get nodes", false),
         ],
+    );
+    // With the test environment's node (cluster mode) the Deployment runs a real
+    // kiln that watches every namespace and allows no endpoint: it would act on
+    // every later test's builds. The rest stays (see above).
+    kubectl(
+        &[
+            "delete",
+            "deployment",
+            "kiln",
+            "-n",
+            "kiln-system",
+            "--ignore-not-found",
+            "--wait",
+        ],
+        None,
     );
 }
 
