@@ -194,6 +194,27 @@ impl StepRecord {
         }
     }
 
+    /// Records an image kiln made and its snapshots, as owed to a removal.
+    pub fn record_image(
+        &mut self,
+        image_id: Option<&str>,
+        snapshots: &[String],
+        region: Option<&str>,
+    ) {
+        let made = |kind: &str, id: &str| ResourceRecord {
+            kind: kind.into(),
+            id: id.to_string(),
+            region: region.map(str::to_string),
+            created: true,
+        };
+        if let Some(id) = image_id {
+            self.resources.push(made("Image", id));
+        }
+        for snap in snapshots {
+            self.resources.push(made("Snapshot", snap));
+        }
+    }
+
     /// A step that never started has nothing to clean up.
     pub fn started(&self) -> bool {
         self.phase != StepPhase::Pending

@@ -598,22 +598,11 @@ async fn decide(
                 let mut record = StepRecord::pending("remove-artifacts");
                 // Every image the history lists, also one whose tags were removed.
                 for a in &decision.status.artifacts {
-                    if let Some(id) = &a.image_id {
-                        record.resources.push(ResourceRecord {
-                            kind: "Image".into(),
-                            id: id.clone(),
-                            region: a.region.clone(),
-                            created: true,
-                        });
-                    }
-                    for snap in &a.snapshot_ids {
-                        record.resources.push(ResourceRecord {
-                            kind: "Snapshot".into(),
-                            id: snap.clone(),
-                            region: a.region.clone(),
-                            created: true,
-                        });
-                    }
+                    record.record_image(
+                        a.image_id.as_deref(),
+                        &a.snapshot_ids,
+                        a.region.as_deref(),
+                    );
                 }
                 let facts = Arc::new(BuildFacts {
                     name: name.to_string(),

@@ -28,8 +28,8 @@ use tracing::{Instrument, info_span};
 
 use crate::api::{
     ArtifactRemoval, CleanupPhase, FINALIZER, ImageBuild, ImagePipeline, ImagePipelineStatus,
-    PIPELINE_LABEL, RESUME_ANNOTATION, ResourceRecord, SEQUENCE_LABEL, StepRecord,
-    TRIGGER_ANNOTATION, VersionImage,
+    PIPELINE_LABEL, RESUME_ANNOTATION, SEQUENCE_LABEL, StepRecord, TRIGGER_ANNOTATION,
+    VersionImage,
 };
 use crate::builders;
 use crate::controller::{apply_params, status as writes};
@@ -507,20 +507,7 @@ async fn remove_images(
         if !regions.contains(&i.region) {
             regions.push(i.region.clone());
         }
-        record.resources.push(ResourceRecord {
-            kind: "Image".into(),
-            id: i.image_id.clone(),
-            region: Some(i.region.clone()),
-            created: true,
-        });
-        for s in &i.snapshot_ids {
-            record.resources.push(ResourceRecord {
-                kind: "Snapshot".into(),
-                id: s.clone(),
-                region: Some(i.region.clone()),
-                created: true,
-            });
-        }
+        record.record_image(Some(&i.image_id), &i.snapshot_ids, Some(&i.region));
     }
     let cleanup = CleanupContext {
         facts: Arc::new(BuildFacts {
