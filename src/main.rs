@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print kiln's CustomResourceDefinitions as YAML (both, or the one named).
     Crd {
         #[arg(value_enum)]
@@ -69,6 +69,13 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: POD_NAME, else hostname-pid).
     #[arg(long, env = "KILN_LEADER_IDENTITY")]
     leader_identity: Option<String>,
+    /// Image of runner Pods (shellLocal, ansible) whose provisioner names none.
+    #[arg(long, env = "KILN_RUNNER_IMAGE")]
+    runner_image: Option<String>,
+    /// Resources and placement of runner Pods, JSON: `{"resources": …,
+    /// "nodeSelector": …, "tolerations": […], "affinity": …, "priorityClassName": …}`.
+    #[arg(long, env = "KILN_RUNNER_POD", default_value = "")]
+    runner_pod: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,7 +110,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(args))
+                .block_on(run(*args))
         }
     }
 }
@@ -184,6 +191,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let runner = kiln::provisioners::runner::Defaults {
+        image: args.runner_image.filter(|i| !i.is_empty()),
+        pod: kiln::provisioners::runner::PodSettings::parse(&args.runner_pod)
+            .map_err(anyhow::Error::msg)?,
+    };
     kiln::controller::run(
         client,
         kiln::controller::Settings {
@@ -203,6 +215,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .filter(|e| !e.is_empty())
                     .collect(),
             },
+            runner: std::sync::Arc::new(runner),
         },
     )
     .await

@@ -99,16 +99,34 @@ pub async fn secret_keys(
         .collect())
 }
 
-pub async fn config_map_key(
+/// Every key of a ConfigMap (`data` and `binaryData`), in key order.
+pub async fn config_map(
     client: &Client,
     namespace: &str,
     name: &str,
-    key: &str,
     field: &str,
-) -> Result<Vec<u8>, RefError> {
+) -> Result<std::collections::BTreeMap<String, Vec<u8>>, RefError> {
+    let found = get_config_map(client, namespace, name, field).await?;
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = found
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect();
+    for (k, ByteString(v)) in found.binary_data.unwrap_or_default() {
+        files.insert(k, v);
+    }
+    Ok(files)
+}
+
+async fn get_config_map(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    field: &str,
+) -> Result<ConfigMap, RefError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let found = api
-        .get_opt(name)
+    api.get_opt(name)
         .await
         .map_err(|e| RefError::Api {
             field: field.into(),
@@ -122,7 +140,17 @@ pub async fn config_map_key(
             kind: "ConfigMap",
             namespace: namespace.into(),
             name: name.into(),
-        })?;
+        })
+}
+
+pub async fn config_map_key(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    field: &str,
+) -> Result<Vec<u8>, RefError> {
+    let found = get_config_map(client, namespace, name, field).await?;
     if let Some(v) = found.data.and_then(|mut d| d.remove(key)) {
         return Ok(v.into_bytes());
     }

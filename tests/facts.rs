@@ -9,52 +9,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::aws::Aws;
-use common::{Fixture, repo_root};
+use common::{FactRow, Fixture};
 use kiln::api::{BuildPhase, ImagePipeline};
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::{Value, json};
 
-/// The rows of the table: variable → the builders the table gives it for
-/// (`null`, `amazon-ebs`; `pipeline` for a pipeline's builds only).
-fn table() -> BTreeMap<String, BTreeSet<String>> {
-    let text = std::fs::read_to_string(repo_root().join("docs/reference.md")).unwrap();
-    let start = text
-        .find("\n### Build facts\n")
-        .expect("docs/reference.md has a ### Build facts section");
-    let section = &text[start + 1..];
-    let end = section[4..].find("\n#").map_or(section.len(), |i| i + 4);
-    let mut rows = BTreeMap::new();
-    for line in section[..end].lines() {
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        if cells.len() < 4 {
-            continue;
-        }
-        let Some(name) = cells[1].strip_prefix('`').and_then(|c| c.strip_suffix('`')) else {
-            continue;
-        };
-        if !name.starts_with("KILN_") {
-            continue;
-        }
-        let builders = cells[2]
-            .split(',')
-            .map(|b| b.trim().trim_matches('`').to_string())
-            .filter(|b| !b.is_empty())
-            .collect();
-        rows.insert(name.to_string(), builders);
-    }
-    assert!(!rows.is_empty(), "no rows in ### Build facts");
-    rows
-}
-
-fn expected(
-    rows: &BTreeMap<String, BTreeSet<String>>,
-    builder: &str,
-    pipeline: bool,
-) -> BTreeSet<String> {
-    rows.iter()
-        .filter(|(_, b)| b.contains(builder) || (pipeline && b.contains("pipeline")))
-        .map(|(n, _)| n.clone())
+fn expected(rows: &BTreeMap<String, FactRow>, builder: &str, pipeline: bool) -> BTreeSet<String> {
+    common::facts_for(rows, builder, pipeline)
+        .into_iter()
+        .map(|(env, _)| env)
         .collect()
 }
 
@@ -88,7 +52,7 @@ fn compare(what: &str, seen: &BTreeSet<String>, want: &BTreeSet<String>) -> Vec<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_provisioner_receives_exactly_the_build_facts_the_table_lists() {
-    let rows = table();
+    let rows = common::facts_table();
     let a = Aws::new("facts").await;
     let f = &a.f;
     f.create(&f.null_build("null", dump(f, "null")))

@@ -3,6 +3,7 @@
 //! These types are the source of truth for `crds/`; `tests/crd.rs` fails when the
 //! committed YAML drifts from what `kiln crd` prints.
 
+mod ansible;
 pub mod duration;
 mod pipeline;
 mod status;
@@ -12,6 +13,7 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use ansible::*;
 pub use pipeline::*;
 pub use status::*;
 
@@ -412,12 +414,12 @@ pub struct HostKeyPolicy {
     pub insecure_ignore: Option<bool>,
 }
 
-/// Exactly one of `shell`, `file` or `shellLocal`.
+/// Exactly one of `shell`, `file`, `shellLocal` or `ansible`.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
-    "(has(self.shell) ? 1 : 0) + (has(self.file) ? 1 : 0) + (has(self.shellLocal) ? 1 : 0) == 1"
-).message("each provisioner must set exactly one of shell, file or shellLocal"))]
+    "(has(self.shell) ? 1 : 0) + (has(self.file) ? 1 : 0) + (has(self.shellLocal) ? 1 : 0) + (has(self.ansible) ? 1 : 0) == 1"
+).message("each provisioner must set exactly one of shell, file, shellLocal or ansible"))]
 pub struct Provisioner {
     /// Run a script on the build machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -429,6 +431,9 @@ pub struct Provisioner {
     /// the build facts as `KILN_*` variables (e.g. a tool that talks to the machine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell_local: Option<ShellLocalProvisioner>,
+    /// Run an Ansible playbook against the build machine, from a runner Pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ansible: Option<AnsibleProvisioner>,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default)]
@@ -456,7 +461,7 @@ pub struct ShellLocalProvisioner {
     #[schemars(length(max = 32))]
     pub timeout: String,
     /// Image of the runner Pod (it needs `/bin/sh`); default: the operator's
-    /// `--runner-image` (the chart's `runner.image`).
+    /// `--runner-image` (the chart's runner image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::api::{ImageBuildSpec, Provisioner};
 use crate::engine::Plan;
+use crate::provisioners::ansible::AnsibleStep;
 use crate::provisioners::file::FileStep;
 use crate::provisioners::shell::ShellStep;
 use crate::provisioners::shell_local::ShellLocalStep;
@@ -183,11 +184,18 @@ pub fn provisioner_steps(provisioners: &[Provisioner]) -> Result<Plan, PlanError
                 spec: local.clone(),
             }));
         }
+        if let Some(ansible) = &p.ansible {
+            set.push(Arc::new(AnsibleStep {
+                name: format!("ansible-{}", i + 1),
+                index: i,
+                spec: ansible.clone(),
+            }));
+        }
         match (set.pop(), set.is_empty()) {
             (Some(step), true) => steps.push(step),
             _ => {
                 return Err(PlanError::Invalid(format!(
-                    "spec.provisioners[{i}]: set exactly one of shell, file or shellLocal"
+                    "spec.provisioners[{i}]: set exactly one of shell, file, shellLocal or ansible"
                 )));
             }
         }

@@ -37,6 +37,7 @@ impl Step for ConnectStep {
         Box::pin(async move {
             let target = connect::target(ctx).await?;
             let session = connect::connect(ctx, &target).await?;
+            let host_key = session.host_key().map(str::to_string);
             connect::keep(ctx, session);
             let mut out = StepOutput {
                 message: Some(format!(
@@ -47,6 +48,11 @@ impl Step for ConnectStep {
             };
             out.outputs
                 .insert(connect::OUT_HOST.into(), target.host.clone());
+            // Recorded so that tools which connect after kiln (Ansible) trust
+            // exactly the key kiln's connection verified or accepted.
+            if let Some(key) = host_key {
+                out.outputs.insert(connect::OUT_HOST_KEY.into(), key);
+            }
             Ok(out)
         })
     }

@@ -414,12 +414,14 @@ async fn attempt_connect(
     }
 
     let disconnect_reason = Arc::new(Mutex::new(None));
+    let presented = Arc::new(Mutex::new(None));
     let handler = ClientHandler {
         addr: addr.clone(),
         host: target.host.clone(),
         port: target.port,
         host_keys: prepared.host_keys.clone(),
         disconnect_reason: disconnect_reason.clone(),
+        presented: presented.clone(),
     };
     let mut handle = match tokio::time::timeout_at(
         deadline,
@@ -469,10 +471,12 @@ async fn attempt_connect(
         }),
         Ok(Ok(AuthResult::Success)) => {
             info!(%addr, user = %target.username, "SSH connected");
+            let host_key = lock(&presented).take();
             Ok(Session {
                 handle,
                 addr,
                 disconnect_reason,
+                host_key,
                 _open: crate::metrics::SessionGauge::open(),
             })
         }
@@ -527,6 +531,8 @@ struct ClientHandler {
     port: u16,
     host_keys: Arc<HostKeyCheck>,
     disconnect_reason: Arc<Mutex<Option<String>>>,
+    /// The host key the server presented and this client accepted.
+    presented: Arc<Mutex<Option<String>>>,
 }
 
 /// Lets `check_server_key` surface *why* a key was refused; russh would
@@ -555,6 +561,11 @@ impl client::Handler for ClientHandler {
             PublicKeyOrCertificate::Certificate(cert) => cert.public_key(),
         };
         let fingerprint = key_data.fingerprint(HashAlg::Sha256).to_string();
+        // Kept for tools that connect to the same machine after kiln (Ansible's
+        // known_hosts): written now, read only once the handshake succeeded.
+        if let Ok(openssh) = PublicKey::from(key_data.clone()).to_openssh() {
+            *lock(&self.presented) = Some(openssh);
+        }
         let known = match self.host_keys.as_ref() {
             HostKeyCheck::Insecure => {
                 warn!(addr = %self.addr, %fingerprint, "host key checking disabled; accepting the presented key");
@@ -629,6 +640,9 @@ pub struct Session {
     handle: Handle<ClientHandler>,
     addr: String,
     disconnect_reason: Arc<Mutex<Option<String>>>,
+    /// The server's host key in OpenSSH form (`ssh-ed25519 AAAA…`): the key the
+    /// host key policy verified (or, with `insecureIgnore`, accepted).
+    host_key: Option<String>,
     _open: crate::metrics::SessionGauge,
 }
 
@@ -647,6 +661,11 @@ const SFTP_START_ATTEMPTS: u32 = 3;
 impl Session {
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The host key this session's server presented and kiln accepted.
+    pub fn host_key(&self) -> Option<&str> {
+        self.host_key.as_deref()
     }
 
     /// Whether the connection is known to be gone.

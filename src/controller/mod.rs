@@ -62,6 +62,8 @@ pub struct Settings {
     pub leader_election: Option<leader::Settings>,
     /// What a build may do beyond its schema (e.g. which endpoints it may name).
     pub policy: builders::Policy,
+    /// Image, resources and placement of runner Pods.
+    pub runner: Arc<crate::provisioners::runner::Defaults>,
 }
 
 struct Context {
@@ -74,6 +76,7 @@ struct Context {
     /// Reconciles of a build that failed in a row, by uid: requeues back off by it.
     failures: Mutex<HashMap<String, u32>>,
     policy: builders::Policy,
+    runner_defaults: Arc<crate::provisioners::runner::Defaults>,
 }
 
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
@@ -127,6 +130,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         }),
         failures: Mutex::default(),
         policy: settings.policy.clone(),
+        runner_defaults: settings.runner.clone(),
     });
 
     // One Controller per watched namespace (or one for all); finished steps wake
@@ -677,6 +681,7 @@ async fn decide(
                                 recorded: rec.map(|r| r.resources).unwrap_or_default(),
                                 step_name: step.name().to_string(),
                                 sessions: ctx.sessions.clone(),
+                                runner: ctx.runner_defaults.clone(),
                                 sink: ctx.sink.clone(),
                                 step_index: key.index,
                             },

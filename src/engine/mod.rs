@@ -53,6 +53,8 @@ pub struct StepContext {
     pub step_name: String,
     /// The build's SSH connection, kept between the steps that use one.
     pub sessions: Arc<SessionPool>,
+    /// The installation's settings for runner Pods.
+    pub runner: Arc<crate::provisioners::runner::Defaults>,
     pub(crate) sink: Arc<dyn RecordSink>,
     pub(crate) step_index: usize,
 }

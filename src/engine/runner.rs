@@ -361,6 +361,7 @@ mod tests {
             recorded: Vec::new(),
             step_name: "panics".into(),
             sessions: Arc::default(),
+            runner: Arc::default(),
             sink,
             step_index: 0,
         }

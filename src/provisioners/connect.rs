@@ -11,6 +11,8 @@ use crate::refs;
 /// Output keys earlier steps may set to steer the connection.
 pub const OUT_HOST: &str = "host";
 pub const OUT_PORT: &str = "port";
+/// The host key the connect step's session verified (or accepted), OpenSSH form.
+pub const OUT_HOST_KEY: &str = "host_key";
 /// `namespace/name` of a Secret holding a generated private key (`ssh-privatekey`).
 pub const OUT_KEY_SECRET: &str = "ssh_key_secret";
 
@@ -30,12 +32,7 @@ pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
                     .into(),
             )
         })?;
-    let port = ctx
-        .outputs
-        .get(OUT_PORT)
-        .and_then(|p| p.parse().ok())
-        .filter(|_| ssh.host.is_none())
-        .unwrap_or(ssh.port);
+    let port = port(ctx);
 
     let private_key = match (&ssh.private_key_secret_ref, ctx.outputs.get(OUT_KEY_SECRET)) {
         (Some(r), _) => {
@@ -108,6 +105,17 @@ pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
         connect_timeout: timeout,
         keepalive,
     })
+}
+
+/// The build machine's SSH port: the spec's, unless a builder found the machine
+/// (no `communicator.ssh.host`) and recorded another.
+pub fn port(ctx: &StepContext) -> u16 {
+    let ssh = &ctx.spec.communicator.ssh;
+    ctx.outputs
+        .get(OUT_PORT)
+        .and_then(|p| p.parse().ok())
+        .filter(|_| ssh.host.is_none())
+        .unwrap_or(ssh.port)
 }
 
 pub fn parse_duration(text: &str, field: &str) -> Result<Duration, StepError> {

@@ -1,8 +1,10 @@
 //! What runs on the build machine. Each provisioner is one recorded step.
 
+pub mod ansible;
 pub mod connect;
 pub mod file;
 mod mask;
+pub mod runner;
 pub mod shell;
 pub mod shell_local;
 
@@ -26,6 +28,11 @@ pub fn build_facts(ctx: &StepContext) -> BTreeMap<String, String> {
     env.insert("KILN_BUILD_UID".into(), f.uid.clone());
     env.insert("KILN_BUILD_GENERATION".into(), f.generation.to_string());
     env.insert("KILN_BUILDER".into(), f.builder.to_string());
+    env.insert(
+        "KILN_USER".into(),
+        ctx.spec.communicator.ssh.username.clone(),
+    );
+    env.insert("KILN_PORT".into(), connect::port(ctx).to_string());
     if let Some(l) = &f.lineage {
         env.insert("KILN_PIPELINE".into(), l.pipeline.clone());
         env.insert("KILN_PIPELINE_VERSION".into(), l.version.to_string());

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod cluster;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -834,4 +835,61 @@ fn dechunk(s: &str) -> String {
         rest = &tail[n + 2..];
     }
     out
+}
+
+/// A row of docs/reference.md's "Build facts" table.
+pub struct FactRow {
+    /// Its Ansible variable (`kiln_build_name`).
+    pub ansible: String,
+    /// The builders the table gives it for (`null`, `amazon-ebs`; `pipeline` for
+    /// a pipeline's builds only).
+    pub builders: std::collections::BTreeSet<String>,
+}
+
+/// The rows of the "Build facts" table, by environment variable.
+pub fn facts_table() -> std::collections::BTreeMap<String, FactRow> {
+    let text = std::fs::read_to_string(repo_root().join("docs/reference.md")).unwrap();
+    let start = text
+        .find("\n### Build facts\n")
+        .expect("docs/reference.md has a ### Build facts section");
+    let section = &text[start + 1..];
+    let end = section[4..].find("\n#").map_or(section.len(), |i| i + 4);
+    let mut rows = std::collections::BTreeMap::new();
+    let code = |c: &str| {
+        c.strip_prefix('`')
+            .and_then(|c| c.strip_suffix('`'))
+            .map(str::to_string)
+    };
+    for line in section[..end].lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 5 {
+            continue;
+        }
+        let Some(name) = code(cells[1]).filter(|n| n.starts_with("KILN_")) else {
+            continue;
+        };
+        let ansible = code(cells[2]).unwrap_or_else(|| panic!("{name}: no Ansible variable"));
+        let builders = cells[3]
+            .split(',')
+            .map(|b| b.trim().trim_matches('`').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        rows.insert(name, FactRow { ansible, builders });
+    }
+    assert!(!rows.is_empty(), "no rows in ### Build facts");
+    rows
+}
+
+/// The facts (environment name, Ansible name) a build of `builder` gets.
+pub fn facts_for(
+    rows: &std::collections::BTreeMap<String, FactRow>,
+    builder: &str,
+    pipeline: bool,
+) -> Vec<(String, String)> {
+    rows.iter()
+        .filter(|(_, r)| {
+            r.builders.contains(builder) || (pipeline && r.builders.contains("pipeline"))
+        })
+        .map(|(n, r)| (n.clone(), r.ansible.clone()))
+        .collect()
 }

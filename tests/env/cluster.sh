@@ -163,10 +163,14 @@ setup_host_network() {
 	iptables -w -t nat -N "$NAT_CHAIN" 2>/dev/null || true
 	iptables -w -t nat -C PREROUTING -i "$BRIDGE" -j "$NAT_CHAIN" 2>/dev/null ||
 		iptables -w -t nat -I PREROUTING 1 -i "$BRIDGE" -j "$NAT_CHAIN"
+	# And of this host's own connections to $NODE_IP: an operator outside the
+	# cluster and a runner Pod it starts (Ansible) reach the sshd at one address.
+	iptables -w -t nat -C OUTPUT -d "$NODE_IP/32" -j "$NAT_CHAIN" 2>/dev/null ||
+		iptables -w -t nat -I OUTPUT 1 -d "$NODE_IP/32" -j "$NAT_CHAIN"
 }
 
 # nat_rules APISERVER_PORT SSH_PORT EC2_PORT: what Pods reach on this host. Only
-# packets arriving on $BRIDGE are rewritten; loopback traffic is not touched.
+# packets arriving on $BRIDGE, or sent by this host to $NODE_IP, are rewritten.
 nat_rules() {
 	local api=$1 ssh=$2 ec2=$3
 	{

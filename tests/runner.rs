@@ -1,0 +1,661 @@
+//! Runner Pods (issue 5/6): `shellLocal` and `ansible` provisioners run on kiln's
+//! side in a Pod of the build's namespace, on the test environment's one-node
+//! cluster (real kubelet, containerd and runc), against the test sshd, which the
+//! operator (on this host) and the Pods both reach at the node IP. The runner
+//! image is tests/env/runner-image.sh's (Dockerfile.runner: ansible-core, OpenSSH,
+//! Git), imported by `KILN_CLUSTER=1 bash tests/env/up.sh`.
+//!
+//! Without the cluster mode these tests say so and pass, unless
+//! `KILN_REQUIRE_CLUSTER=1` (set by tests/all.sh, so `.ci/run` runs them).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::aws::Aws;
+use common::cluster::{Cluster, cluster};
+use common::{Fixture, wait_until};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kiln::api::BuildPhase;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::{Value, json};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A null build whose SSH goes to the test sshd at the node IP, where this host's
+/// operator and the runner Pods both reach it.
+fn node_build(f: &Fixture, c: &Cluster, name: &str, provisioners: Value) -> Value {
+    let mut b = f.null_build(name, provisioners);
+    b["spec"]["communicator"]["ssh"]["host"] = json!(c.get("KILN_POD_SSH_HOST"));
+    b["spec"]["communicator"]["ssh"]["port"] =
+        json!(c.get("KILN_POD_SSH_PORT").parse::<u16>().unwrap());
+    b
+}
+
+async fn create_secret(f: &Fixture, name: &str, data: Value) {
+    Api::<Secret>::namespaced(f.client.clone(), &f.ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+/// The Pod (or Secret) the named step recorded, once it exists.
+async fn recorded(f: &Fixture, build: &str, step: &str, kind: &str) -> String {
+    let api = f.api();
+    wait_until(
+        Duration::from_secs(90),
+        &format!("{build}: the {kind} of {step}"),
+        || async {
+            let ib = api.get(build).await.ok()?;
+            let st = ib.status?;
+            let s = st.steps.iter().find(|s| s.name == step)?;
+            Some(s.resources.iter().find(|r| r.kind == kind)?.id.clone())
+        },
+    )
+    .await
+}
+
+async fn gone<K>(api: &Api<K>, name: &str) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.get_opt(name).await.unwrap().is_none()
+}
+
+/// The step's record after the build reached `phase`.
+fn step_message(ib: &kiln::api::ImageBuild, step: &str) -> String {
+    let st = ib.status.as_ref().unwrap();
+    st.steps
+        .iter()
+        .find(|s| s.name == step)
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default()
+}
+
+// ------------------------------------------------------------------ shellLocal
+
+/// `shellLocal`: the script runs in a runner Pod of the build's namespace (no
+/// ServiceAccount token, non-root, read-only root filesystem) with the build facts,
+/// its Secret values redacted from the output; the Pod is gone when the build is;
+/// a failing script fails the step with its exit code and last lines; an operator
+/// killed while it runs finds the same Pod and waits for it (one Pod, one run).
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
+    let Some(c) = cluster() else { return };
+    let _g = SERIAL.lock().await;
+    let mut f = Fixture::new("cl-local").await;
+    let image = c.get("KILN_POD_TOOLS_IMAGE");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(f.client.clone(), &f.ns);
+    secrets
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "token"},
+                "stringData": {"value": "s3cr3t-token-value"},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let local = |script: &[&str]| {
+        json!([{"shellLocal": {
+            "image": image,
+            "inline": script,
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "token", "key": "value"}}}],
+        }}])
+    };
+    let ok = f.null_build(
+        "facts",
+        local(&[
+            "test ! -e /var/run/secrets/kubernetes.io/serviceaccount/token",
+            "test \"$(id -u)\" = 65532",
+            "! touch /should-not-write 2>/dev/null",
+            "touch /tmp/can-write",
+            "env | grep '^KILN_' | sort",
+            "echo \"token is $TOKEN\"",
+        ]),
+    );
+    f.create(&ok).await.unwrap();
+    let ib = f
+        .wait_phase("facts", BuildPhase::Succeeded, Duration::from_secs(120))
+        .await;
+    let log = f.operator.logs();
+    assert!(
+        log.contains("KILN_BUILD_NAME=facts") && log.contains("KILN_STEP=shell-local-1"),
+        "{}",
+        common::tail(&log, 40)
+    );
+    assert!(
+        log.contains("token is <redacted>"),
+        "{}",
+        common::tail(&log, 40)
+    );
+    assert!(!log.contains("s3cr3t-token-value"));
+    let step = ib
+        .status
+        .unwrap()
+        .steps
+        .into_iter()
+        .find(|s| s.name == "shell-local-1")
+        .unwrap();
+    let pod = step
+        .resources
+        .iter()
+        .find(|r| r.kind == "Pod")
+        .unwrap()
+        .id
+        .clone();
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(f.client.clone(), &f.ns);
+    wait_until(Duration::from_secs(30), "the runner Pod gone", || async {
+        pods.get_opt(&pod).await.unwrap().is_none().then_some(())
+    })
+    .await;
+
+    // A failing script.
+    f.create(&f.null_build("fails", local(&["echo about to fail", "exit 7"])))
+        .await
+        .unwrap();
+    let ib = f
+        .wait_phase("fails", BuildPhase::Failed, Duration::from_secs(120))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains("exited with code 7") && msg.contains("about to fail"),
+        "{msg}"
+    );
+
+    // The operator killed while the script runs: the same Pod, once.
+    f.create(&f.null_build("slow", local(&["sleep 8", "echo slow done"])))
+        .await
+        .unwrap();
+    let api = f.api();
+    let name = wait_until(Duration::from_secs(60), "the runner Pod", || async {
+        let ib = api.get("slow").await.ok()?;
+        let st = ib.status?;
+        let s = st.steps.iter().find(|s| s.name == "shell-local-1")?;
+        let id = s.resources.iter().find(|r| r.kind == "Pod")?.id.clone();
+        pods.get_opt(&id).await.ok()??;
+        Some(id)
+    })
+    .await;
+    let uid = pods.get(&name).await.unwrap().metadata.uid;
+    f.restart_operator();
+    wait_until(Duration::from_secs(60), "the step resumed", || async {
+        let ib = api.get("slow").await.ok()?;
+        let s = ib
+            .status?
+            .steps
+            .into_iter()
+            .find(|s| s.name == "shell-local-1")?;
+        (s.attempts >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        pods.get(&name).await.unwrap().metadata.uid,
+        uid,
+        "a second Pod"
+    );
+    f.wait_phase("slow", BuildPhase::Succeeded, Duration::from_secs(120))
+        .await;
+    wait_until(Duration::from_secs(30), "the runner Pod gone", || async {
+        pods.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
+// --------------------------------------------------------------------- ansible
+
+/// A playbook with a role, a template, a handler and a fact-dependent task, as a
+/// ConfigMap (`__` for `/`); `fail.yml` fails a task on purpose, `slow.yml` waits
+/// and then appends one line per run.
+async fn playbooks(f: &Fixture, name: &str) {
+    let files = json!({
+        "site.yml": "- hosts: web\n  gather_facts: true\n  roles: [site]\n",
+        "roles__site__tasks__main.yml": r#"- name: render the page
+  ansible.builtin.template:
+    src: page.j2
+    dest: "{{ target_dir }}/page.txt"
+    mode: "0644"
+  notify: record the handler
+- name: note a Debian machine
+  ansible.builtin.copy:
+    content: "{{ ansible_facts['distribution'] }} {{ ansible_facts['distribution_major_version'] }}\n"
+    dest: "{{ target_dir }}/os.txt"
+  when: ansible_facts['os_family'] == 'Debian'
+- name: list the build facts
+  ansible.builtin.copy:
+    content: "{{ query('ansible.builtin.varnames', '^kiln_') | sort | join('\n') }}\n"
+    dest: "{{ target_dir }}/facts.txt"
+- name: show the token
+  ansible.builtin.debug:
+    msg: "token is {{ lookup('ansible.builtin.env', 'TOKEN') }}"
+"#,
+        "roles__site__handlers__main.yml": "- name: record the handler\n  ansible.builtin.copy:\n    content: \"handled {{ kiln_build_name }}\\n\"\n    dest: \"{{ target_dir }}/handler.txt\"\n",
+        "roles__site__templates__page.j2": "build {{ kiln_build_name }} in {{ kiln_build_namespace }} by {{ kiln_builder }} at {{ kiln_host }}:{{ kiln_port }}; {{ greeting }}\n",
+        "fail.yml": "- hosts: all\n  gather_facts: false\n  tasks:\n  - name: a task that works\n    ansible.builtin.ping:\n  - name: refuse on purpose\n    ansible.builtin.fail:\n      msg: the playbook says no\n",
+        "slow.yml": "- hosts: all\n  gather_facts: false\n  tasks:\n  - name: wait a while\n    ansible.builtin.command: sleep {{ seconds }}\n  - name: count the run\n    ansible.builtin.shell: echo run >> {{ target_dir }}/runs.txt\n",
+    });
+    Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}, "data": files})).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+fn ansible(c: &Cluster, f: &Fixture, playbook: &str, source: Value, vars: Value) -> Value {
+    let mut extra = json!({"target_dir": f.host_dir.display().to_string()});
+    for (k, v) in vars.as_object().unwrap() {
+        extra[k] = v.clone();
+    }
+    json!([{"ansible": {
+        "image": c.get("KILN_POD_RUNNER_IMAGE"),
+        "playbook": playbook,
+        "source": source,
+        "extraVars": extra,
+        "groups": ["web"],
+        "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "token", "key": "value"}}}],
+    }}])
+}
+
+fn read(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// The playbook's role, template, handler and fact-dependent task change the
+/// host; it sees every build fact the table lists under its Ansible name, the
+/// token is redacted, and the Pod and its key Secret are gone afterwards. Then a
+/// failing task names itself, and an amazon-ebs build runs a playbook too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_playbook_from_a_config_map_changes_the_host_with_the_build_facts() {
+    let Some(c) = cluster() else { return };
+    let _g = SERIAL.lock().await;
+    let f = Fixture::new("an-cm").await;
+    create_secret(&f, "token", json!({"value": "s3cr3t-ansible-token"})).await;
+    playbooks(&f, "playbook").await;
+    let source = json!({"configMap": {"name": "playbook"}});
+    let build = node_build(
+        &f,
+        &c,
+        "site",
+        ansible(
+            &c,
+            &f,
+            "site.yml",
+            source.clone(),
+            json!({"greeting": "hello"}),
+        ),
+    );
+    f.create(&build).await.unwrap();
+    let ib = f
+        .wait_phase("site", BuildPhase::Succeeded, Duration::from_secs(240))
+        .await;
+    let dir = &f.host_dir;
+    let page = read(dir, "page.txt");
+    assert!(
+        page.starts_with(&format!(
+            "build site in {} by null at {}:{}; hello",
+            f.ns,
+            c.get("KILN_POD_SSH_HOST"),
+            c.get("KILN_POD_SSH_PORT")
+        )),
+        "{page}"
+    );
+    assert_eq!(read(dir, "handler.txt"), "handled site\n");
+    assert!(read(dir, "os.txt").starts_with("Debian "));
+    let seen: BTreeSet<String> = read(dir, "facts.txt").lines().map(str::to_string).collect();
+    let rows = common::facts_table();
+    let want: BTreeSet<String> = common::facts_for(&rows, "null", false)
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(
+        seen, want,
+        "the playbook's kiln_* variables against the table"
+    );
+    let msg = step_message(&ib, "ansible-1");
+    assert!(
+        msg.contains("ansible-core 2.19.")
+            && msg.contains("ConfigMap playbook (sha1 ")
+            && msg.contains("changed="),
+        "{msg}"
+    );
+    let log = f.operator.logs();
+    assert!(
+        log.contains("token is <redacted>"),
+        "{}",
+        common::tail(&log, 60)
+    );
+    assert!(!log.contains("s3cr3t-ansible-token"));
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), &f.ns);
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    let st = ib.status.as_ref().unwrap();
+    let rec = st.steps.iter().find(|s| s.name == "ansible-1").unwrap();
+    for r in &rec.resources {
+        let left = match r.kind.as_str() {
+            "Pod" => !gone(&pods, &r.id).await,
+            "Secret" => !gone(&secrets, &r.id).await,
+            other => panic!("unexpected resource {other}"),
+        };
+        assert!(!left, "{} {} left after the build", r.kind, r.id);
+    }
+    assert_eq!(rec.resources.len(), 2, "{:?}", rec.resources);
+
+    // A failing task fails the step with its name.
+    f.create(&node_build(
+        &f,
+        &c,
+        "fails",
+        ansible(&c, &f, "fail.yml", source.clone(), json!({})),
+    ))
+    .await
+    .unwrap();
+    let ib = f
+        .wait_phase("fails", BuildPhase::Failed, Duration::from_secs(240))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains("spec.provisioners[0].ansible: task \"refuse on purpose\" failed")
+            && msg.contains("the playbook says no"),
+        "{msg}"
+    );
+
+    // A playbook that is not in the ConfigMap: named before any Pod.
+    f.create(&node_build(
+        &f,
+        &c,
+        "missing",
+        ansible(&c, &f, "nope.yml", source, json!({})),
+    ))
+    .await
+    .unwrap();
+    let ib = f
+        .wait_phase("missing", BuildPhase::Failed, Duration::from_secs(120))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains(
+            "spec.provisioners[0].ansible.playbook: \"nope.yml\" is not in ConfigMap playbook"
+        ),
+        "{msg}"
+    );
+}
+
+/// An amazon-ebs build (EC2 server, its generated key pair) runs a playbook
+/// against its instance: the key the Pod uses is the build's generated one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_amazon_ebs_build_runs_a_playbook_with_its_generated_key() {
+    let Some(c) = cluster() else { return };
+    let _g = SERIAL.lock().await;
+    let a = Aws::new("an-ebs").await;
+    let f = &a.f;
+    create_secret(f, "token", json!({"value": "another-token"})).await;
+    playbooks(f, "playbook").await;
+    let mut ebs = a.build(
+        "ebs",
+        json!({}),
+        ansible(
+            &c,
+            f,
+            "site.yml",
+            json!({"configMap": {"name": "playbook"}}),
+            json!({"greeting": "from ebs"}),
+        ),
+    );
+    ebs["spec"]["communicator"]["ssh"]["host"] = json!(c.get("KILN_POD_SSH_HOST"));
+    ebs["spec"]["communicator"]["ssh"]["port"] =
+        json!(c.get("KILN_POD_SSH_PORT").parse::<u16>().unwrap());
+    f.create(&ebs).await.unwrap();
+    let ib = f
+        .wait_phase("ebs", BuildPhase::Succeeded, Duration::from_secs(240))
+        .await;
+    let page = read(&f.host_dir, "page.txt");
+    assert!(
+        page.contains("by amazon-ebs at") && page.contains("from ebs"),
+        "{page}"
+    );
+    let seen: BTreeSet<String> = read(&f.host_dir, "facts.txt")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let rows = common::facts_table();
+    let mut want: BTreeSet<String> = common::facts_for(&rows, "amazon-ebs", false)
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    // Only with a private address (the EC2 server may give none).
+    if !seen.contains("kiln_private_ip") {
+        want.remove("kiln_private_ip");
+    }
+    assert_eq!(
+        seen, want,
+        "the playbook's kiln_* variables against the table"
+    );
+    let leaks = a
+        .leaks(&kube::ResourceExt::uid(&ib).unwrap(), &["us-east-1"])
+        .await;
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// A Git repository served on loopback by `git daemon`: the runner Pod clones
+/// it at a branch and runs a playbook from a directory of it; the step records
+/// the commit. A revision that is not there names the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_playbook_from_a_git_repository_runs_at_its_revision() {
+    let Some(c) = cluster() else { return };
+    let _g = SERIAL.lock().await;
+    let f = Fixture::new("an-git").await;
+    create_secret(&f, "token", json!({"value": "git-token"})).await;
+    let root = f.host_dir.join("git");
+    let work = root.join("work");
+    std::fs::create_dir_all(work.join("ansible")).unwrap();
+    std::fs::write(
+        work.join("ansible/site.yml"),
+        "- hosts: all\n  gather_facts: false\n  tasks:\n  - name: write from git\n    ansible.builtin.copy:\n      content: \"from git {{ kiln_step }}\\n\"\n      dest: \"{{ target_dir }}/git.txt\"\n",
+    )
+    .unwrap();
+    let git = |dir: &Path, args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=kiln",
+                "-c",
+                "user.email=kiln@test",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    git(&work, &["init", "-q"]);
+    git(&work, &["checkout", "-q", "-b", "release"]);
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "the playbook"]);
+    let commit = git(&work, &["rev-parse", "HEAD"]);
+    git(&root, &["clone", "-q", "--bare", "work", "playbooks.git"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = c.get("KILN_POD_SSH_HOST");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Kill(
+        Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--informative-errors",
+                &format!("--base-path={}", root.display()),
+                &format!("--listen={host}"),
+                &format!("--port={port}"),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("git://{host}:{port}/playbooks.git");
+    let source = |rev: &str| json!({"git": {"url": url, "revision": rev, "path": "ansible"}});
+    f.create(&node_build(
+        &f,
+        &c,
+        "git",
+        ansible(&c, &f, "site.yml", source("release"), json!({})),
+    ))
+    .await
+    .unwrap();
+    let ib = f
+        .wait_phase("git", BuildPhase::Succeeded, Duration::from_secs(240))
+        .await;
+    assert_eq!(read(&f.host_dir, "git.txt"), "from git ansible-1\n");
+    let msg = step_message(&ib, "ansible-1");
+    assert!(msg.contains(&format!("commit {commit}")), "{msg}");
+
+    f.create(&node_build(
+        &f,
+        &c,
+        "norev",
+        ansible(&c, &f, "site.yml", source("no-such-branch"), json!({})),
+    ))
+    .await
+    .unwrap();
+    let ib = f
+        .wait_phase("norev", BuildPhase::Failed, Duration::from_secs(240))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains("spec.provisioners[0].ansible.source.git.revision: not found"),
+        "{msg}"
+    );
+}
+
+/// The operator killed while the playbook runs: the restarted one finds the same
+/// Pod and waits for it (one Pod, one run). An ImageBuild deleted mid-playbook:
+/// its Pod and key Secret are gone by the time the ImageBuild is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_operator_waits_for_the_same_playbook_and_a_deleted_build_removes_it() {
+    let Some(c) = cluster() else { return };
+    let _g = SERIAL.lock().await;
+    let mut f = Fixture::new("an-kill").await;
+    create_secret(&f, "token", json!({"value": "kill-token"})).await;
+    playbooks(&f, "playbook").await;
+    let source = json!({"configMap": {"name": "playbook"}});
+    f.create(&node_build(
+        &f,
+        &c,
+        "slow",
+        ansible(&c, &f, "slow.yml", source.clone(), json!({"seconds": "10"})),
+    ))
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), &f.ns);
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    let name = recorded(&f, "slow", "ansible-1", "Pod").await;
+    let uid = wait_until(
+        Duration::from_secs(90),
+        "the runner Pod running",
+        || async {
+            let p = pods.get_opt(&name).await.ok()??;
+            let running = p.status.as_ref()?.phase.as_deref() == Some("Running");
+            running.then(|| p.metadata.uid.clone())?
+        },
+    )
+    .await;
+    f.restart_operator();
+    let api = f.api();
+    wait_until(Duration::from_secs(60), "the step resumed", || async {
+        let ib = api.get("slow").await.ok()?;
+        let s = ib
+            .status?
+            .steps
+            .into_iter()
+            .find(|s| s.name == "ansible-1")?;
+        (s.attempts >= 2).then_some(())
+    })
+    .await;
+    if let Some(p) = pods.get_opt(&name).await.unwrap() {
+        assert_eq!(p.metadata.uid.as_ref(), Some(&uid), "a second runner Pod");
+    }
+    let ib = f
+        .wait_phase("slow", BuildPhase::Succeeded, Duration::from_secs(240))
+        .await;
+    let st = ib.status.as_ref().unwrap();
+    let rec = st.steps.iter().find(|s| s.name == "ansible-1").unwrap();
+    assert!(rec.attempts >= 2, "{rec:?}");
+    assert_eq!(
+        read(&f.host_dir, "runs.txt"),
+        "run\n",
+        "the playbook ran more than once"
+    );
+    let log = f.operator.logs();
+    assert!(
+        log.contains("waiting for the runner Pod an earlier attempt started"),
+        "{}",
+        common::tail(&log, 40)
+    );
+    assert!(gone(&pods, &name).await && gone(&secrets, &name).await);
+
+    // Deleted mid-playbook.
+    f.create(&node_build(
+        &f,
+        &c,
+        "deleted",
+        ansible(&c, &f, "slow.yml", source, json!({"seconds": "60"})),
+    ))
+    .await
+    .unwrap();
+    let name = recorded(&f, "deleted", "ansible-1", "Pod").await;
+    wait_until(
+        Duration::from_secs(90),
+        "the runner Pod running",
+        || async {
+            let p = pods.get_opt(&name).await.ok()??;
+            (p.status?.phase.as_deref() == Some("Running")).then_some(())
+        },
+    )
+    .await;
+    let secret = recorded(&f, "deleted", "ansible-1", "Secret").await;
+    assert!(!gone(&secrets, &secret).await);
+    f.api()
+        .delete("deleted", &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = f.api();
+    wait_until(Duration::from_secs(60), "the ImageBuild gone", || async {
+        api.get_opt("deleted").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        gone(&pods, &name).await,
+        "the runner Pod outlived its ImageBuild"
+    );
+    assert!(
+        gone(&secrets, &secret).await,
+        "the key Secret outlived its ImageBuild"
+    );
+}
