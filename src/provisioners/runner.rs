@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{Affinity, Pod, ResourceRequirements, Secret, Toleration};
-use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -230,7 +230,7 @@ fn kube_err(field: &str, what: &str, name: &str, e: kube::Error) -> StepError {
     StepError::Transient(format!("{field}: {what} {name}: {e}"))
 }
 
-/// Creates the step's Secret (recorded first), or replaces the data of the one an
+/// Creates the step's Secret (recorded first), or refreshes the data of the one an
 /// earlier attempt made: the same name always carries this attempt's data.
 pub async fn put_secret(
     ctx: &StepContext,
@@ -246,28 +246,26 @@ pub async fn put_secret(
     })
     .await?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.facts.namespace);
-    let mut secret: Secret = serde_json::from_value(json!({
+    let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": metadata(&ctx.facts, name, &ctx.step_name),
         "type": "Opaque",
-        "stringData": data,
+        "stringData": &data,
     }))
     .map_err(|e| StepError::Failed(format!("{field}: internal: {e}")))?;
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            let current = secrets
-                .get(name)
-                .await
-                .map_err(|e| kube_err(field, "reading Secret", name, e))?;
-            secret.metadata.resource_version = current.metadata.resource_version;
-            secrets
-                .replace(name, &PostParams::default(), &secret)
-                .await
-                .map(|_| ())
-                .map_err(|e| kube_err(field, "replacing Secret", name, e))
-        }
+        // A resumed step's: the same keys (one generation, one spec), fresh values.
+        Err(kube::Error::Api(s)) if s.code == 409 => secrets
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"stringData": data})),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| kube_err(field, "updating Secret", name, e)),
         Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Err(StepError::Failed(
             format!("{field}: the Secret {name} was refused: {}", s.message),
         )),
