@@ -736,6 +736,14 @@ fn reference_has_an_example_of_each_builder_and_provisioner() {
             has(&|p| p["file"]["from"]["secretKeyRef"].is_object()),
         ),
         ("shellLocal", has(&|p| p["shellLocal"]["inline"].is_array())),
+        (
+            "ansible from a ConfigMap",
+            has(&|p| p["ansible"]["source"]["configMap"].is_object()),
+        ),
+        (
+            "ansible from Git",
+            has(&|p| p["ansible"]["source"]["git"].is_object()),
+        ),
     ];
     let missing: Vec<&str> = wanted
         .iter()

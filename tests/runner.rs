@@ -659,3 +659,142 @@ async fn a_killed_operator_waits_for_the_same_playbook_and_a_deleted_build_remov
         "the key Secret outlived its ImageBuild"
     );
 }
+
+// ------------------------------------------------------------------- benchmark
+
+/// A 20-task playbook (facts, commands, files, lines) run by kiln in a runner
+/// Pod against the same playbook run by `ansible-playbook` on this host
+/// (`KILN_HOST_ANSIBLE`, the same ansible-core; bench/ansible.sh makes it), both
+/// over SSH to the test sshd; three runs each, medians into
+/// bench/results/ansible-20-tasks.json. kiln's figure is the step's wall time as
+/// its status shows it (polled every 50 ms): the Secret and the Pod's creation
+/// and start, the playbook, the Pod's end.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: bash bench/ansible.sh"]
+async fn ansible_20_tasks_in_a_runner_pod_against_the_host() {
+    let Some(c) = cluster() else { return };
+    let host_ansible = std::env::var("KILN_HOST_ANSIBLE").expect("KILN_HOST_ANSIBLE");
+    let _g = SERIAL.lock().await;
+    let f = Fixture::new("an-bench").await;
+    create_secret(&f, "token", json!({"value": "bench-token"})).await;
+    let mut tasks = String::from("- hosts: all\n  gather_facts: true\n  tasks:\n");
+    for i in 1..=5 {
+        tasks.push_str(&format!(
+            "  - name: command {i}\n    ansible.builtin.command: \"true\"\n    changed_when: false\n\
+             \x20 - name: file {i}\n    ansible.builtin.copy:\n      content: \"file {i} of {{{{ kiln_build_name | default('host') }}}}\\n\"\n      dest: \"{{{{ target_dir }}}}/file-{i}.txt\"\n\
+             \x20 - name: line {i}\n    ansible.builtin.lineinfile:\n      path: \"{{{{ target_dir }}}}/lines.txt\"\n      line: \"line {i}\"\n      create: true\n\
+             \x20 - name: directory {i}\n    ansible.builtin.file:\n      path: \"{{{{ target_dir }}}}/dir-{i}\"\n      state: directory\n"
+        ));
+    }
+    Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "bench"}, "data": {"site.yml": tasks}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let source = json!({"configMap": {"name": "bench"}});
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+
+    let mut kiln_runs = Vec::new();
+    for run in 1..=3 {
+        let name = format!("bench-{run}");
+        let dir = f.host_dir.join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let mut p = ansible(&c, &f, "site.yml", source.clone(), json!({}));
+        p[0]["ansible"]["extraVars"]["target_dir"] = json!(dir.display().to_string());
+        f.create(&node_build(&f, &c, &name, p)).await.unwrap();
+        // Status times have whole seconds: the step's start and end are seen by
+        // polling every 50 ms instead.
+        let api = f.api();
+        let (mut started, deadline) = (None, std::time::Instant::now() + Duration::from_secs(300));
+        let ended = loop {
+            assert!(std::time::Instant::now() < deadline, "{name}: no end");
+            let ib = api.get(&name).await.unwrap();
+            let step = ib
+                .status
+                .and_then(|st| st.steps.into_iter().find(|s| s.name == "ansible-1"));
+            match step.map(|s| s.phase) {
+                Some(kiln::api::StepPhase::Running) if started.is_none() => {
+                    started = Some(std::time::Instant::now());
+                }
+                Some(kiln::api::StepPhase::Succeeded) => break std::time::Instant::now(),
+                Some(kiln::api::StepPhase::Failed) => panic!("{name}: the step failed"),
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        kiln_runs.push((ended - started.expect("the step seen running")).as_secs_f64());
+        f.wait_phase(&name, BuildPhase::Succeeded, Duration::from_secs(60))
+            .await;
+        assert!(dir.join("dir-5").is_dir());
+    }
+
+    // The same playbook from this host, with the same connection settings.
+    let work = f.host_dir.join("host-run");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("site.yml"), &tasks).unwrap();
+    let key = work.join("id");
+    std::fs::copy(&f.env.ssh_key, &key).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let known = work.join("known_hosts");
+    std::fs::copy(&f.env.known_hosts, &known).unwrap();
+    let inventory = json!({"all": {"hosts": {"default": {
+        "ansible_host": c.get("KILN_POD_SSH_HOST"),
+        "ansible_port": c.get("KILN_POD_SSH_PORT").parse::<u16>().unwrap(),
+        "ansible_user": f.env.ssh_user,
+        "ansible_ssh_private_key_file": key.display().to_string(),
+        "ansible_ssh_common_args": format!("-o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes", known.display()),
+    }}}});
+    std::fs::write(work.join("inventory.json"), inventory.to_string()).unwrap();
+    let mut host_runs = Vec::new();
+    for run in 1..=3 {
+        let dir = f.host_dir.join(format!("host-{run}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let out = Command::new(&host_ansible)
+            .args(["-i", "inventory.json", "-e"])
+            .arg(format!("target_dir={}", dir.display()))
+            .arg("site.yml")
+            .current_dir(&work)
+            .env("ANSIBLE_LOCAL_TEMP", work.join(".ansible-tmp"))
+            .env("ANSIBLE_NOCOLOR", "1")
+            .output()
+            .unwrap();
+        host_runs.push(start.elapsed().as_secs_f64());
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(dir.join("dir-5").is_dir());
+    }
+    let (k, h) = (median(kiln_runs.clone()), median(host_runs.clone()));
+    let result = json!({
+        "scenario": "ansible-20-tasks",
+        "tasks": 20,
+        "kiln_runner_pod_seconds": kiln_runs,
+        "host_ansible_playbook_seconds": host_runs,
+        "kiln_median_seconds": k,
+        "host_median_seconds": h,
+        "ratio": k / h,
+        "note": "kiln: the step's wall time (runner Pod created, started, playbook, ended); host: ansible-playbook's wall time. Same ansible-core, same sshd, same connection settings.",
+    });
+    println!("{}", serde_json::to_string_pretty(&result).unwrap());
+    std::fs::write(
+        common::repo_root().join("bench/results/ansible-20-tasks.json"),
+        serde_json::to_string_pretty(&result).unwrap() + "\n",
+    )
+    .unwrap();
+}
