@@ -174,6 +174,19 @@ async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
         "{msg}"
     );
 
+    // An image that cannot be pulled fails the step (after a 30 s grace), saying so.
+    let mut bad = f.null_build("no-image", local(&["true"]));
+    bad["spec"]["provisioners"][0]["shellLocal"]["image"] = json!("kiln.test/no-such-image:1");
+    f.create(&bad).await.unwrap();
+    let ib = f
+        .wait_phase("no-image", BuildPhase::Failed, Duration::from_secs(120))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains("cannot start its container") && msg.contains("kiln.test/no-such-image:1"),
+        "{msg}"
+    );
+
     // The operator killed while the script runs: the same Pod, once.
     f.create(&f.null_build("slow", local(&["sleep 8", "echo slow done"])))
         .await

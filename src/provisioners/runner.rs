@@ -321,11 +321,27 @@ pub async fn run(
     };
     let waited = async {
         let mut followed = false;
+        let mut stuck_since: Option<Instant> = None;
         loop {
             let pod = pods
                 .get(name)
                 .await
                 .map_err(|e| kube_err(field, "reading runner Pod", name, e))?;
+            // An image that cannot be pulled or a Secret key that is not there
+            // keep the Pod waiting for ever: past a grace for passing trouble,
+            // the step fails and says why.
+            match cannot_start(&pod) {
+                Some(why) if stuck_since.is_some_and(|t| t.elapsed() >= STUCK_GRACE) => {
+                    return Err(StepError::Failed(format!(
+                        "{field}: the runner Pod {name} cannot start its container: {why} (image {}; env from Secrets)",
+                        run.image
+                    )));
+                }
+                Some(_) => {
+                    stuck_since.get_or_insert_with(Instant::now);
+                }
+                None => stuck_since = None,
+            }
             if let Some(exit) = terminated(&pod) {
                 if !followed {
                     // It ended before we followed it: read the whole log once.
@@ -426,6 +442,31 @@ impl Follower {
             self.tail.push_back(line);
         }
     }
+}
+
+/// How long a container may wait for a reason that rarely passes on its own.
+const STUCK_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the container waits, when that is a reason that needs a user's fix.
+fn cannot_start(pod: &Pod) -> Option<String> {
+    const REASONS: [&str; 5] = [
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    ];
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        REASONS.contains(&reason).then(|| {
+            format!(
+                "{reason}: {}",
+                waiting.message.as_deref().unwrap_or("no detail")
+            )
+        })
+    })
 }
 
 fn started_running(pod: &Pod) -> bool {
