@@ -915,7 +915,8 @@ fn kustomize_install_grants_what_the_operator_needs() {
     );
     // With the test environment's node (cluster mode) the Deployment runs a real
     // kiln that watches every namespace and allows no endpoint: it would act on
-    // every later test's builds. The rest stays (see above).
+    // every later test's builds. The rest stays (see above). Foreground: the
+    // Deployment is gone only once its Pods are, so no kiln outlives this test.
     kubectl(
         &[
             "delete",
@@ -924,6 +925,7 @@ fn kustomize_install_grants_what_the_operator_needs() {
             "-n",
             "kiln-system",
             "--ignore-not-found",
+            "--cascade=foreground",
             "--wait",
         ],
         None,

@@ -518,10 +518,12 @@ async fn a_playbook_from_a_git_repository_runs_at_its_revision() {
             let _ = self.0.wait();
         }
     }
+    // git-daemon itself, not `git daemon`: `git` would run it as a child that
+    // killing `git` leaves behind (holding the test's output open).
+    let exec_path = git(&root, &["--exec-path"]);
     let _daemon = Kill(
-        Command::new("git")
+        Command::new(Path::new(&exec_path).join("git-daemon"))
             .args([
-                "daemon",
                 "--reuseaddr",
                 "--export-all",
                 "--informative-errors",
@@ -529,6 +531,9 @@ async fn a_playbook_from_a_git_repository_runs_at_its_revision() {
                 &format!("--listen={host}"),
                 &format!("--port={port}"),
             ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
     );

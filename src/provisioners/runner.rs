@@ -76,7 +76,7 @@ pub fn image(ctx: &StepContext, own: Option<&String>, field: &str) -> Result<Str
         .filter(|i| !i.is_empty())
         .ok_or_else(|| {
             StepError::Failed(format!(
-                "{field}.image: no runner image: set it, or install kiln with a default (--runner-image, the chart's runner.image)"
+                "{field}.image: no runner image: set it, or install kiln with a default (--runner-image; the chart sets its runner image)"
             ))
         })
 }

@@ -49,14 +49,6 @@ layout=$(realpath -m "${layout:-$CL/images/kiln}")
 
 # ---------------------------------------------------------------- the reference
 # The chart's default image: image.repository and image.tag (empty: appVersion).
-chart_value() { # chart_value FILE KEY [PARENT]: a plain scalar, quotes removed
-	awk -v key="$2" -v parent="${3:-}" '
-		/^[^ #]/ { top = $1; sub(/:$/, "", top) }
-		{ line = $0; sub(/#.*/, "", line) }
-		(parent == "" && line ~ "^" key ":") || (parent != "" && top == parent && line ~ "^  " key ":") {
-			sub("^ *" key ": *", "", line); gsub(/^["'\'']|["'\''] *$|[ \t]+$/, "", line); print line; exit
-		}' "$1"
-}
 repository=$(chart_value "$KILN_REPO_ROOT/charts/kiln/values.yaml" repository image)
 tag=$(chart_value "$KILN_REPO_ROOT/charts/kiln/values.yaml" tag image)
 [[ -n $tag ]] || tag=$(chart_value "$KILN_REPO_ROOT/charts/kiln/Chart.yaml" appVersion)

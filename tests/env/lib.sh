@@ -16,6 +16,17 @@ now() { date +%s.%N; }
 # since START: seconds elapsed, one decimal.
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
 
+# chart_value FILE KEY [PARENT]: the plain scalar KEY (top level, or under the
+# top-level PARENT) of a YAML file such as the chart's values.yaml, quotes removed.
+chart_value() {
+	awk -v key="$2" -v parent="${3:-}" '
+		/^[^ #]/ { top = $1; sub(/:$/, "", top) }
+		{ line = $0; sub(/#.*/, "", line) }
+		(parent == "" && line ~ "^" key ":") || (parent != "" && top == parent && line ~ "^  " key ":") {
+			sub("^ *" key ": *", "", line); gsub(/^["'\'']|["'\''] *$|[ \t]+$/, "", line); print line; exit
+		}' "$1"
+}
+
 # proc_gone PID: true if PID is gone or a zombie.
 proc_gone() {
 	local stat

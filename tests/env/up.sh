@@ -75,6 +75,12 @@ ensure_packages() {
 	# tests/image.rs builds kiln's image with tests/env/image.sh (umoci, strip).
 	command -v umoci >/dev/null || missing+=(umoci)
 	command -v strip >/dev/null || missing+=(binutils)
+	# ... and the runner image with tests/env/runner-image.sh (Debian's python3.11 and
+	# pip, git, ssh, busybox).
+	/usr/bin/python3.11 -m pip --version >/dev/null 2>&1 || missing+=(python3.11 python3-pip)
+	/usr/bin/python3.11 -c 'import venv' >/dev/null 2>&1 || missing+=(python3-venv)
+	[[ -x /usr/bin/git && -x /usr/lib/git-core/git-remote-http ]] || missing+=(git)
+	dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
 	if [[ -n $CLUSTER ]]; then
 		command -v containerd >/dev/null || missing+=(containerd)
 		[[ -x /usr/sbin/runc ]] || missing+=(runc)
@@ -83,7 +89,6 @@ ensure_packages() {
 		{ command -v ip && command -v ss; } >/dev/null || missing+=(iproute2)
 		command -v gcc >/dev/null || missing+=(gcc)
 		[[ -f /usr/lib/x86_64-linux-gnu/libc.a || -n $(gcc -print-file-name=libc.a 2>/dev/null | grep /) ]] || missing+=(libc6-dev)
-		dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
 		[[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 		command -v python3 >/dev/null || missing+=(python3)
 	fi
@@ -410,8 +415,21 @@ start_cluster_node() {
 		"KILN_POD_SSH_PORT=$SSH_PORT"
 		"KILN_POD_EC2_ENDPOINT=http://$NODE_IP:$EC2_PORT"
 		"KILN_POD_TOOLS_IMAGE=$TOOLS_IMAGE"
+		"KILN_POD_RUNNER_IMAGE=$RUNNER_IMAGE"
 		"KILN_POD_PAUSE_IMAGE=$PAUSE_IMAGE"
 	)
+}
+
+# kiln's runner image (Dockerfile.runner: /bin/sh, ansible-core, ssh, git), made by
+# runner-image.sh from this machine's files and PyPI wheels (cached by version),
+# and imported into the node's containerd. Rebuilt only when the Dockerfile, the
+# script or the Debian packages it copies change; imported only when containerd
+# lacks that build.
+RUNNER_IMAGE=
+runner_image() {
+	KILN_TEST_ENV=$STATE bash "$KILN_ENV_DIR/runner-image.sh" --cached --import ||
+		die "building the runner image failed (tests/env/runner-image.sh)"
+	RUNNER_IMAGE=$(bash "$KILN_ENV_DIR/runner-image.sh" --ref)
 }
 
 # ------------------------------------------------------------------ env.sh
@@ -467,7 +485,10 @@ phase tools build_tools
 phase sshd start_sshd
 phase ec2 start_ec2
 # containerd and the images while the apiserver boots; the node once it is ready.
-if [[ -n $CLUSTER ]]; then phase node-runtime cluster_runtime; fi
+if [[ -n $CLUSTER ]]; then
+	phase node-runtime cluster_runtime
+	phase runner-image runner_image
+fi
 phase apiserver-ready wait_apiserver
 if [[ -n $CLUSTER ]]; then
 	phase node start_cluster_node

@@ -55,6 +55,31 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end }}
 
 {{/*
+The runner Pods' default image (KILN_RUNNER_IMAGE): runner.image if set, else
+runner.repository:runner.tag (the appVersion by default), built from Dockerfile.runner.
+*/}}
+{{- define "kiln.runnerImage" -}}
+{{- if .Values.runner.image }}
+{{- .Values.runner.image }}
+{{- else }}
+{{- printf "%s:%s" (required "runner.repository is required (or set runner.image)" .Values.runner.repository) (.Values.runner.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Resources and placement of runner Pods (KILN_RUNNER_POD, JSON): only what is set.
+*/}}
+{{- define "kiln.runnerPod" -}}
+{{- $pod := dict -}}
+{{- with .Values.runner.resources }}{{ $_ := set $pod "resources" . }}{{ end -}}
+{{- with .Values.runner.nodeSelector }}{{ $_ := set $pod "nodeSelector" . }}{{ end -}}
+{{- with .Values.runner.tolerations }}{{ $_ := set $pod "tolerations" . }}{{ end -}}
+{{- with .Values.runner.affinity }}{{ $_ := set $pod "affinity" . }}{{ end -}}
+{{- with .Values.runner.priorityClassName }}{{ $_ := set $pod "priorityClassName" . }}{{ end -}}
+{{- if $pod }}{{ toJson $pod }}{{ end -}}
+{{- end }}
+
+{{/*
 Checks the values that values.schema.json cannot (or that a caller skipped the
 schema for, with --skip-schema-validation): fails naming the value.
 */}}
