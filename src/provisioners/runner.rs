@@ -23,8 +23,11 @@ pub const POD: &str = "Pod";
 pub const SECRET: &str = "Secret";
 /// Lines of output a failed run quotes.
 pub const TAIL_LINES: usize = 20;
-/// How often the step looks at its Pod while it cannot follow the log.
-const POLL: Duration = Duration::from_secs(1);
+/// How often the step looks at its Pod while it starts and once its log ended:
+/// both last a second or two, and the step's end waits on the second.
+const POLL: Duration = Duration::from_millis(250);
+/// ... and while it runs, when its log cannot be followed.
+const POLL_UNFOLLOWED: Duration = Duration::from_secs(2);
 
 /// What the operator's installation sets for runner Pods (`--runner-image`,
 /// `--runner-pod`; the chart's `runner` values).
@@ -321,6 +324,7 @@ pub async fn run(
     };
     let waited = async {
         let mut followed = false;
+        let mut unfollowed = false;
         let mut stuck_since: Option<Instant> = None;
         loop {
             let pod = pods
@@ -354,7 +358,7 @@ pub async fn run(
                 follower.finish(name, on_line);
                 return Ok(exit);
             }
-            if !followed && started_running(&pod) {
+            if !followed && !unfollowed && started_running(&pod) {
                 followed = true;
                 let params = LogParams {
                     follow: true,
@@ -381,10 +385,11 @@ pub async fn run(
                     Err(e) => {
                         tracing::warn!(pod = %name, error = %e, "cannot follow the runner Pod's log; reading it when the Pod ends");
                         followed = false;
+                        unfollowed = true;
                     }
                 }
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(if unfollowed { POLL_UNFOLLOWED } else { POLL }).await;
         }
     };
     let left = run.timeout.saturating_sub(started.elapsed());
