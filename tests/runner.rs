@@ -70,6 +70,24 @@ where
     api.get_opt(name).await.unwrap().is_none()
 }
 
+/// A server process of a test, stopped when the test ends, however it ends.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The step's record after the build reached `phase`.
 fn step_message(ib: &kiln::api::ImageBuild, step: &str) -> String {
     let st = ib.status.as_ref().unwrap();
@@ -121,6 +139,7 @@ async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
             "! touch /should-not-write 2>/dev/null",
             "touch /tmp/can-write",
             "env | grep '^KILN_' | sort",
+            "env | grep -o '^KILN_[A-Za-z0-9_]*' | sort -u | sed 's/^/fact:/'",
             "echo \"token is $TOKEN\"",
         ]),
     );
@@ -140,6 +159,21 @@ async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
         common::tail(&log, 40)
     );
     assert!(!log.contains("s3cr3t-token-value"));
+    // Every build fact the table lists for a null build, and no other.
+    let seen: BTreeSet<String> = log
+        .split("fact:")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    let want: BTreeSet<String> = common::facts_for(&common::facts_table(), "null", false)
+        .into_iter()
+        .map(|(env, _)| env)
+        .collect();
+    assert_eq!(
+        seen, want,
+        "the shellLocal step's KILN_* variables against the table"
+    );
     let step = ib
         .status
         .unwrap()
@@ -252,6 +286,10 @@ async fn playbooks(f: &Fixture, name: &str) {
 - name: show the token
   ansible.builtin.debug:
     msg: "token is {{ lookup('ansible.builtin.env', 'TOKEN') }}"
+- name: never runs (skipTags)
+  ansible.builtin.fail:
+    msg: skipTags did not skip me
+  tags: [never_run]
 "#,
         "roles__site__handlers__main.yml": "- name: record the handler\n  ansible.builtin.copy:\n    content: \"handled {{ kiln_build_name }}\\n\"\n    dest: \"{{ target_dir }}/handler.txt\"\n",
         "roles__site__templates__page.j2": "build {{ kiln_build_name }} in {{ kiln_build_namespace }} by {{ kiln_builder }} at {{ kiln_host }}:{{ kiln_port }}; {{ greeting }}\n",
@@ -278,6 +316,9 @@ fn ansible(c: &Cluster, f: &Fixture, playbook: &str, source: Value, vars: Value)
         "source": source,
         "extraVars": extra,
         "groups": ["web"],
+        "skipTags": ["never_run"],
+        "verbosity": 1,
+        "ansibleCfg": "[defaults]\ndisplay_skipped_hosts = false\n",
         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "token", "key": "value"}}}],
     }}])
 }
@@ -505,19 +546,8 @@ async fn a_playbook_from_a_git_repository_runs_at_its_revision() {
     git(&work, &["commit", "-q", "-m", "the playbook"]);
     let commit = git(&work, &["rev-parse", "HEAD"]);
     git(&root, &["clone", "-q", "--bare", "work", "playbooks.git"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let host = c.get("KILN_POD_SSH_HOST");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     // git-daemon itself, not `git daemon`: `git` would run it as a child that
     // killing `git` leaves behind (holding the test's output open).
     let exec_path = git(&root, &["--exec-path"]);
@@ -567,9 +597,66 @@ async fn a_playbook_from_a_git_repository_runs_at_its_revision() {
         .await;
     let msg = ib.status.unwrap().message.unwrap_or_default();
     assert!(
-        msg.contains("spec.provisioners[0].ansible.source.git.revision: not found"),
+        msg.contains("spec.provisioners[0].ansible.source.git.revision: no-such-branch is not in"),
         "{msg}"
     );
+
+    // Over HTTP with basic authentication (git http-backend): the credentials
+    // Secret's username and password; without them the clone is refused and the
+    // step names the source.
+    let port = free_port();
+    let _http = Kill(
+        Command::new("python3")
+            .arg(common::repo_root().join("tests/env/git-http.py"))
+            .arg(&root)
+            .args(["kiln", "git-s3cr3t", &host, &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    create_secret(
+        &f,
+        "git-creds",
+        json!({"username": "kiln", "password": "git-s3cr3t"}),
+    )
+    .await;
+    let url = format!("http://{host}:{port}/playbooks.git");
+    let http = |creds: bool| {
+        let mut s = json!({"git": {"url": url, "revision": "release", "path": "ansible"}});
+        if creds {
+            s["git"]["credentialsSecretRef"] = json!({"name": "git-creds"});
+        }
+        s
+    };
+    std::fs::remove_file(f.host_dir.join("git.txt")).unwrap();
+    f.create(&node_build(
+        &f,
+        &c,
+        "http",
+        ansible(&c, &f, "site.yml", http(true), json!({})),
+    ))
+    .await
+    .unwrap();
+    f.wait_phase("http", BuildPhase::Succeeded, Duration::from_secs(240))
+        .await;
+    assert_eq!(read(&f.host_dir, "git.txt"), "from git ansible-1\n");
+    f.create(&node_build(
+        &f,
+        &c,
+        "nocreds",
+        ansible(&c, &f, "site.yml", http(false), json!({})),
+    ))
+    .await
+    .unwrap();
+    let ib = f
+        .wait_phase("nocreds", BuildPhase::Failed, Duration::from_secs(240))
+        .await;
+    let msg = ib.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains("spec.provisioners[0].ansible.source.git: cannot clone"),
+        "{msg}"
+    );
+    assert!(!f.operator.logs().contains("git-s3cr3t"));
 }
 
 /// The operator killed while the playbook runs: the restarted one finds the same

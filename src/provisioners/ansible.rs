@@ -48,24 +48,32 @@ if [ -n "${KILN_GIT_URL:-}" ]; then
     export GIT_CONFIG_VALUE_0='!f() { test "$1" = get || exit 0; echo "username=$(cat /kiln/git-credentials/username)"; echo "password=$(cat /kiln/git-credentials/password)"; }; f'
   fi
   export GIT_TERMINAL_PROMPT=0
-  git clone --quiet --no-checkout -- "$KILN_GIT_URL" /tmp/kiln/src
+  git clone --quiet --no-checkout -- "$KILN_GIT_URL" /tmp/kiln/src || {
+    echo "kiln: error: source.git: cannot clone $KILN_GIT_URL (git's message above)"
+    exit 100
+  }
   cd /tmp/kiln/src
   want="${KILN_GIT_REVISION:-HEAD}"
   commit=$(git rev-parse --verify --quiet "origin/$want^{commit}" || git rev-parse --verify --quiet "$want^{commit}") || {
-    echo "kiln: revision $want not found in $KILN_GIT_URL" >&2
-    exit 3
+    echo "kiln: error: source.git.revision: $want is not in $KILN_GIT_URL"
+    exit 100
   }
   git -c advice.detachedHead=false checkout --quiet --detach "$commit"
   echo "kiln: playbook source commit $commit"
   src="/tmp/kiln/src/${KILN_GIT_PATH:-.}"
 fi
-cd "$src"
+cd "$src" || {
+  echo "kiln: error: source.git.path: ${KILN_GIT_PATH:-} is not a directory of $KILN_GIT_URL"
+  exit 100
+}
 ansible-playbook --version | head -n 1
 exec ansible-playbook "$@"
 "#;
 
-/// Exit code of the script when the Git revision is not there.
-const EXIT_NO_REVISION: i32 = 3;
+/// Exit code of the script when it failed before the playbook, after a line
+/// `kiln: error: <field under the provisioner>: <what>` (ansible-playbook exits
+/// with 0-8, 99, 250 or 255).
+const EXIT_SOURCE: i32 = 100;
 
 impl AnsibleStep {
     fn field(&self) -> String {
@@ -186,8 +194,9 @@ impl AnsibleStep {
         let tail = finished.tail_text(runner::TAIL_LINES);
         Err(StepError::Failed(
             match (finished.exit, &seen.failed_task) {
-                (EXIT_NO_REVISION, _) if spec.source.git.is_some() => format!(
-                    "{field}.source.git.revision: not found in the repository; last output:\n{tail}"
+                (EXIT_SOURCE, _) if seen.kiln_error.is_some() => format!(
+                    "{field}.{}; last output:\n{tail}",
+                    seen.kiln_error.as_deref().unwrap_or_default()
                 ),
                 (code, Some(task)) => format!(
                     "{field}: task {task:?} failed (ansible-playbook exited with code {code}, {version}, {source}, runner Pod {name}); last output:\n{tail}"
@@ -379,12 +388,16 @@ struct Seen {
     failed_task: Option<String>,
     recap: Option<String>,
     in_recap: bool,
+    /// The script's own `kiln: error: …` line.
+    kiln_error: Option<String>,
 }
 
 impl Seen {
     fn line(&mut self, line: &str) {
         if let Some(v) = line.strip_prefix("ansible-playbook [core ") {
             self.version = Some(format!("ansible-core {}", v.trim_end_matches(']')));
+        } else if let Some(e) = line.strip_prefix("kiln: error: ") {
+            self.kiln_error = Some(e.to_string());
         } else if let Some(c) = line.strip_prefix("kiln: playbook source commit ") {
             self.commit = Some(c.trim().to_string());
         } else if let Some(rest) = line

@@ -166,8 +166,7 @@ impl Finished {
     }
 }
 
-fn pod(ctx: &StepContext, run: &RunSpec) -> Value {
-    let settings = &ctx.runner.pod;
+fn pod(settings: &PodSettings, facts: &BuildFacts, run: &RunSpec) -> Value {
     let resources = settings.resources.as_ref().map_or_else(
         || {
             json!({
@@ -224,7 +223,7 @@ fn pod(ctx: &StepContext, run: &RunSpec) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": metadata(&ctx.facts, &run.name, &run.step),
+        "metadata": metadata(facts, &run.name, &run.step),
         "spec": spec,
     })
 }
@@ -301,7 +300,7 @@ pub async fn run(
     if existing.is_some() {
         tracing::info!(pod = %name, "waiting for the runner Pod an earlier attempt started");
     } else {
-        let spec: Pod = serde_json::from_value(pod(ctx, run))
+        let spec: Pod = serde_json::from_value(pod(&ctx.runner.pod, &ctx.facts, run))
             .map_err(|e| StepError::Failed(format!("{field}: internal: {e}")))?;
         match pods.create(&PostParams::default(), &spec).await {
             Ok(_) => tracing::info!(pod = %name, image = %run.image, "started the runner Pod"),
@@ -557,6 +556,70 @@ mod tests {
             e.contains("--runner-pod") && e.contains("nodeSelectr"),
             "{e}"
         );
+    }
+
+    fn run_spec() -> RunSpec {
+        RunSpec {
+            field: "spec.provisioners[0].ansible".into(),
+            name: "kiln-0123456789ab-1-ansible-1".into(),
+            step: "ansible-1".into(),
+            image: "runner:1".into(),
+            command: vec!["/bin/sh".into()],
+            env: Vec::new(),
+            volumes: Vec::new(),
+            mounts: Vec::new(),
+            memory_limit: "1Gi",
+            timeout: Duration::from_secs(60),
+            timeout_text: "1m".into(),
+            secrets: Vec::new(),
+        }
+    }
+
+    fn facts() -> BuildFacts {
+        BuildFacts {
+            name: "b".into(),
+            namespace: "ns".into(),
+            uid: "0123-4567".into(),
+            generation: 1,
+            builder: "null",
+            lineage: None,
+        }
+    }
+
+    #[test]
+    fn a_runner_pod_is_locked_down_and_placed_as_the_installation_says() {
+        let settings = PodSettings::parse(
+            r#"{"nodeSelector":{"pool":"tools"},"tolerations":[{"key":"tools","operator":"Exists"}],
+                "resources":{"limits":{"memory":"2Gi"}},"priorityClassName":"low"}"#,
+        )
+        .unwrap();
+        let p: Pod = serde_json::from_value(pod(&settings, &facts(), &run_spec())).unwrap();
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.node_selector.unwrap()["pool"], "tools");
+        assert_eq!(spec.tolerations.unwrap()[0].key.as_deref(), Some("tools"));
+        assert_eq!(spec.priority_class_name.as_deref(), Some("low"));
+        let c = &spec.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["memory"].0, "2Gi");
+        assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
+        let owner = &p.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("ImageBuild", Some(true))
+        );
+
+        // Without settings: the defaults, the run's memory limit.
+        let p: Pod =
+            serde_json::from_value(pod(&PodSettings::default(), &facts(), &run_spec())).unwrap();
+        let spec = p.spec.unwrap();
+        assert!(spec.node_selector.is_none() && spec.tolerations.is_none());
+        let r = spec.containers[0].resources.clone().unwrap();
+        assert_eq!(r.limits.unwrap()["memory"].0, "1Gi");
+        assert_eq!(r.requests.unwrap()["cpu"].0, "50m");
     }
 
     #[test]
