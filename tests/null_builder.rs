@@ -148,26 +148,13 @@ async fn shell_and_file_provisioners_build_and_report_every_step() {
     // Secrets appear nowhere: status, events, operator logs.
     let events = f.events().await;
     let reasons: Vec<_> = events.iter().filter_map(|e| e.reason.clone()).collect();
-    for r in [
-        "BuildStarted",
-        "StepStarted",
-        "StepSucceeded",
-        "BuildSucceeded",
-    ] {
-        assert!(
-            reasons.iter().any(|x| x == r),
-            "no {r} event in {reasons:?}"
-        );
-    }
-    // Each step has its own events: the recorder must not fold the second step's
-    // into the first's (same reason) and keep only the first note.
-    let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
-    for step in &names {
-        for what in ["started", "succeeded"] {
-            let note = format!("step {step} {what}");
-            assert!(notes.contains(&note), "no event {note:?} in {notes:#?}");
-        }
-    }
+    // Build-level transitions only: each step's start and end are in status, and
+    // an Event per step was most of a build's apiserver writes (issue 6/6).
+    assert_eq!(
+        reasons,
+        ["BuildStarted", "BuildSucceeded"],
+        "events of a build that went well"
+    );
     let private_key = read(&f.env.ssh_key);
     let key_line = private_key
         .lines()

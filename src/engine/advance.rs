@@ -358,20 +358,18 @@ fn run_next(d: &mut Decision, input: &Input<'_>, now: &Time) -> bool {
                 step,
                 attempt,
             }));
-            d.actions.push(Action::Event {
-                warning: false,
-                reason: if resumed {
-                    "StepResumed"
-                } else {
-                    "StepStarted"
-                },
-                action: step_action(&name),
-                note: if resumed {
-                    format!("step {name} resumed (attempt {attempt}) after the operator restarted")
-                } else {
-                    format!("step {name} started")
-                },
-            });
+            // A step's start and end are in status, not Events (each Event is
+            // an apiserver write); a resumed run is worth one.
+            if resumed {
+                d.actions.push(Action::Event {
+                    warning: false,
+                    reason: "StepResumed",
+                    action: step_action(&name),
+                    note: format!(
+                        "step {name} resumed (attempt {attempt}) after the operator restarted"
+                    ),
+                });
+            }
             false
         }
         StepPhase::Succeeded => false,
@@ -392,6 +390,8 @@ fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
         // `next_cleanup` passes these by; never mark them done.
         Cleanup::NoCode => return false,
     };
+    // One Event when the build's cleanup begins, not one per step.
+    let first = s.steps.iter().all(|r| r.cleanup_attempts == 0);
     let rec = &mut s.steps[i];
     rec.cleanup_attempts += 1;
     let name = rec.name.clone();
@@ -404,12 +404,12 @@ fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
         step,
         attempt,
     }));
-    if attempt == 1 {
+    if first {
         d.actions.push(Action::Event {
             warning: false,
             reason: "CleanupStarted",
-            action: cleanup_action(&rec.name),
-            note: format!("cleaning up step {name}"),
+            action: format!("Clean up generation {generation}"),
+            note: format!("cleaning up the build's temporary resources, last step first (from step {name})"),
         });
     }
     false
@@ -526,7 +526,6 @@ fn take_result(
                     merge_resources(&mut rec.resources, &out.resources);
                     rec.outputs.extend(out.outputs.clone());
                     rec.message = out.message.as_deref().map(truncate);
-                    let name = rec.name.clone();
                     // Held on the step until the whole build succeeds (see `complete`).
                     rec.artifacts = out.artifacts.clone();
                     // Images this step removed (an earlier generation's, replaced by
@@ -535,12 +534,6 @@ fn take_result(
                         !a.image_id
                             .as_ref()
                             .is_some_and(|id| out.removed_images.contains(id))
-                    });
-                    d.actions.push(Action::Event {
-                        warning: false,
-                        reason: "StepSucceeded",
-                        action: step_action(&rec.name),
-                        note: format!("step {name} succeeded"),
                     });
                 }
                 Err(StepError::Cancelled) => {
@@ -572,12 +565,6 @@ fn take_result(
                     rec.cleanup = CleanupPhase::Done;
                     rec.cleanup_message = None;
                     rec.cleanup_retry_at = None;
-                    d.actions.push(Action::Event {
-                        warning: false,
-                        reason: "CleanupSucceeded",
-                        action: cleanup_action(&rec.name),
-                        note: format!("cleaned up step {}", rec.name),
-                    });
                 }
                 Err(e) => {
                     rec.cleanup_failures += 1;

@@ -1,7 +1,9 @@
 //! EC2 clients from the spec: credentials from a Secret or the default AWS chain,
 //! an optional endpoint, retries with backoff and jitter for throttling and 5xx.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -16,7 +18,7 @@ use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 
 use crate::api::AmazonEbsBuilder;
-use crate::engine::StepError;
+use crate::engine::{BuildFacts, StepError};
 use crate::refs;
 
 #[derive(Clone)]
@@ -76,7 +78,45 @@ pub const SECRET_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const SECRET_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const SECRET_SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
 
+/// A build's clients, by what makes one: a build's steps (about 16 clients for an
+/// amazon-ebs build) share one per region instead of each reading the credentials
+/// Secret again. Kept for `CLIENT_TTL`, so a rotated Secret takes effect within it.
+type ClientKey = (String, i64, String, Option<String>, Option<String>);
+static BUILD_CLIENTS: LazyLock<Mutex<HashMap<ClientKey, (Ec2, Instant)>>> =
+    LazyLock::new(Mutex::default);
+const CLIENT_TTL: Duration = Duration::from_secs(300);
+
 impl Ec2 {
+    /// The client of this build (uid and generation) for `region`: made once
+    /// and shared by the build's steps for up to `CLIENT_TTL`.
+    pub async fn for_build(
+        ebs: &AmazonEbsBuilder,
+        kube: &kube::Client,
+        facts: &BuildFacts,
+        region: &str,
+    ) -> Result<Ec2, StepError> {
+        let key: ClientKey = (
+            facts.uid.clone(),
+            facts.generation,
+            region.to_string(),
+            ebs.credentials.as_ref().map(|c| c.secret_ref.name.clone()),
+            ebs.endpoint.clone(),
+        );
+        let cached = lock(&BUILD_CLIENTS)
+            .get(&key)
+            .filter(|(_, made)| made.elapsed() < CLIENT_TTL)
+            .map(|(ec2, _)| ec2.clone());
+        if let Some(ec2) = cached {
+            return Ok(ec2);
+        }
+        let ec2 = Ec2::new(ebs, kube, &facts.namespace, region).await?;
+        let mut clients = lock(&BUILD_CLIENTS);
+        clients.retain(|_, (_, made)| made.elapsed() < CLIENT_TTL);
+        clients.insert(key, (ec2.clone(), Instant::now()));
+        Ok(ec2)
+    }
+
+    /// A new client: reads the credentials Secret (see `for_build` for a build's).
     pub async fn new(
         ebs: &AmazonEbsBuilder,
         kube: &kube::Client,
@@ -205,6 +245,11 @@ pub fn new_http_client() -> aws_sdk_ec2::config::SharedHttpClient {
             tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map is only ever replaced whole entries at a time: never inconsistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn utf8(b: Vec<u8>, field: &str) -> Result<String, StepError> {

@@ -345,7 +345,7 @@ fn remove_images<'a>(
             return Ok(());
         }
         let ebs = ebs(&ctx.spec)?;
-        let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, region).await?;
+        let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, region).await?;
         let mut doomed = Doomed::recorded(&ctx.record, region, &ebs.region);
         doomed
             .find_tagged(&ec2, &ctx.facts, Some(ctx.facts.generation))
@@ -379,7 +379,7 @@ impl Step for RemoveArtifacts {
             let ebs = ebs(&ctx.spec)?;
             let mut removed = Vec::new();
             for region in &ctx.regions {
-                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, region).await?;
+                let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, region).await?;
                 let mut doomed = Doomed::recorded(&ctx.record, region, &ebs.region);
                 doomed
                     .find_tagged(&ec2, &ctx.facts, None)
@@ -529,7 +529,7 @@ impl Step for CreateImage {
                 output(&ctx.outputs, out::AMI_NAME)?.clone()
             };
             let instance = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &ebs.region).await?;
             let id = ensure_image(&ec2, &name, &ctx.facts, || async {
                 let r = ec2
                     .client
@@ -562,7 +562,7 @@ impl Step for CreateImage {
             }
             // The intermediate is temporary: removed after success too. Only it: the
             // encrypted image carries the same tags, so nothing is found by tag here.
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &ebs.region).await?;
             let mut doomed = Doomed::recorded(&ctx.record, &ebs.region, &ebs.region);
             if let Named::Ours(id) = named(&ec2, &intermediate_name(&ctx.facts), &ctx.facts).await?
             {
@@ -604,7 +604,7 @@ impl Step for CopyImage {
             let w = waits(ebs)?;
             let name = output(&ctx.outputs, out::AMI_NAME)?.clone();
             let source = output(&ctx.outputs, out::IMAGE_ID)?.clone();
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &self.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &self.region).await?;
             let id = ensure_image(&ec2, &name, &ctx.facts, || async {
                 let mut req = ec2
                     .client
@@ -673,7 +673,7 @@ impl Step for DeregisterExisting {
             let mut o = StepOutput::default();
             let mut removed = Vec::new();
             for region in regions {
-                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
                 // Checked again: the name may have been taken since pre-validate.
                 for f in replaceable(&ec2, &name, &ctx.facts).await? {
                     if let Err(e) = ec2.client.deregister_image().image_id(&f.id).send().await {

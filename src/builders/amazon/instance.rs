@@ -70,7 +70,7 @@ impl Step for RunInstance {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;
             let facts = &ctx.facts;
-            let ec2 = Ec2::new(ebs, &ctx.client, &facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, facts, &ebs.region).await?;
             let existing = find_instances(&ec2, facts).await.map_err(AwsError::fail)?;
             let id = if let Some(id) = existing.first() {
                 id.clone()
@@ -148,7 +148,7 @@ impl Step for RunInstance {
             let ebs = ebs(&ctx.spec)?;
             let w = cleanup_waits(ebs);
             for region in cleanup_regions(&ctx.record, &ebs.region) {
-                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
                 let ids = recorded_in(&ctx.record, "Instance", &region, &ebs.region);
                 terminate(&ec2, ids, &ctx.facts, &w).await?;
             }
@@ -288,7 +288,7 @@ impl Step for InstanceReady {
             let ebs = ebs(&ctx.spec)?;
             let w = waits(ebs)?;
             let id = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &ebs.region).await?;
             let what = format!("instance {id} to run");
             let addr = wait_for(&what, &w, &ctx.cancel, || async {
                 let Some(i) = describe_one(&ec2, &id).await? else {
@@ -344,7 +344,7 @@ impl Step for StopInstance {
             let ebs = ebs(&ctx.spec)?;
             let w = waits(ebs)?;
             let id = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &ebs.region).await?;
             ec2.client
                 .stop_instances()
                 .instance_ids(&id)

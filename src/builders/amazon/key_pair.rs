@@ -63,7 +63,7 @@ impl Step for KeyPairStep {
                 created: true,
             })
             .await?;
-            let ec2 = Ec2::new(ebs, &ctx.client, &facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, facts, &ebs.region).await?;
             let r = ec2
                 .client
                 .import_key_pair()
@@ -111,7 +111,7 @@ impl Step for KeyPairStep {
                 match r.kind.as_str() {
                     "KeyPair" => {
                         let region = r.region.clone().unwrap_or_else(|| ebs.region.clone());
-                        let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                        let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
                         // The name is recorded before the import: a key pair of that
                         // name without the build's tag is someone else's.
                         match owner(&ec2, &r.id, &ctx.facts)

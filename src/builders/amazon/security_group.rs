@@ -35,7 +35,7 @@ impl Step for SecurityGroupStep {
                 return Ok(o);
             }
             let facts = &ctx.facts;
-            let ec2 = Ec2::new(ebs, &ctx.client, &facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, facts, &ebs.region).await?;
             let vpc = vpc_of(&ec2, ebs.subnet_id.as_deref()).await?;
             let name = group_name(facts);
 
@@ -122,7 +122,7 @@ impl Step for SecurityGroupStep {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;
             for region in cleanup_regions(&ctx.record, &ebs.region) {
-                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
                 let ids = recorded_in(&ctx.record, "SecurityGroup", &region, &ebs.region);
                 delete_groups(&ec2, ids, &ctx.facts).await?;
             }

@@ -41,7 +41,7 @@ impl Step for PreValidate {
                 regions.push((format!("amiRegions[{i}]"), r.clone()));
             }
             for (field, region) in regions {
-                let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &region).await?;
+                let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
                 // The first call in a region also tells whether the region exists.
                 let found = ec2
                     .client
@@ -239,7 +239,7 @@ impl Step for SourceImage {
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             let ebs = ebs(&ctx.spec)?;
-            let ec2 = Ec2::new(ebs, &ctx.client, &ctx.facts.namespace, &ebs.region).await?;
+            let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &ebs.region).await?;
             let id = match (&ebs.source_ami, &ebs.source_ami_filter) {
                 (Some(id), _) => {
                     let r = ec2.client.describe_images().image_ids(id).send().await;
