@@ -96,8 +96,91 @@ async fn the_apiserver_refuses_invalid_specs_naming_the_field() {
             Box::new(|v| set(v, &["spec", "provisioners"], json!([{}]))),
             &[
                 "spec.provisioners[0]",
-                "exactly one of shell, file or shellLocal",
+                "exactly one of shell, file, shellLocal or ansible",
             ],
+        ),
+        (
+            "ansible: a build fact's name in extraVars",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"ansible": {"playbook": "site.yml", "source": {"configMap": {"name": "p"}},
+                        "extraVars": {"kiln_host": "x"}}}]),
+                )
+            }),
+            &[
+                "spec.provisioners[0].ansible.extraVars",
+                "kept for the build facts",
+            ],
+        ),
+        (
+            "ansible: a playbook path with ..",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"ansible": {"playbook": "roles/../../etc/x.yml", "source": {"configMap": {"name": "p"}}}}]),
+                )
+            }),
+            &[
+                "spec.provisioners[0].ansible.playbook",
+                "must not have a '..' part",
+            ],
+        ),
+        (
+            "ansible: both sources",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"ansible": {"playbook": "site.yml", "source": {
+                        "configMap": {"name": "p"}, "git": {"url": "https://example.com/x.git"}}}}]),
+                )
+            }),
+            &[
+                "spec.provisioners[0].ansible.source",
+                "set exactly one of configMap or git",
+            ],
+        ),
+        (
+            "ansible: a Git URL that is a local path",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"ansible": {"playbook": "site.yml", "source": {"git": {"url": "file:///etc"}}}}]),
+                )
+            }),
+            &[
+                "spec.provisioners[0].ansible.source.git.url",
+                "must be an http://, https://, git:// or ssh:// URL",
+            ],
+        ),
+        (
+            "ansible: the group all",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"ansible": {"playbook": "site.yml", "source": {"configMap": {"name": "p"}}, "groups": ["all"]}}]),
+                )
+            }),
+            &[
+                "spec.provisioners[0].ansible.groups",
+                "all and ungrouped are Ansible's own groups",
+            ],
+        ),
+        (
+            "ansible: verbosity 9",
+            Box::new(|v| {
+                set(
+                    v,
+                    &["spec", "provisioners"],
+                    json!([{"ansible": {"playbook": "site.yml", "source": {"configMap": {"name": "p"}}, "verbosity": 9}}]),
+                )
+            }),
+            &["spec.provisioners[0].ansible.verbosity"],
         ),
         (
             "empty inline command",
