@@ -409,7 +409,9 @@ fn start_cleanup(d: &mut Decision, input: &Input<'_>, i: usize) -> bool {
             warning: false,
             reason: "CleanupStarted",
             action: format!("Clean up generation {generation}"),
-            note: format!("cleaning up the build's temporary resources, last step first (from step {name})"),
+            note: format!(
+                "cleaning up the build's temporary resources, last step first (from step {name})"
+            ),
         });
     }
     false
