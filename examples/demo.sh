@@ -32,6 +32,7 @@ NS=${KILN_DEMO_NAMESPACE:-kiln-demo}
 MODE=${KILN_DEMO_MODE:-host}
 KILN_NS=$NS-kiln # cluster mode: the Helm release's namespace
 HELM_RELEASE=""
+CARGO_PID="" # the background `cargo build`, until it is waited for
 NAME=demo
 TIMEOUT=${KILN_DEMO_TIMEOUT:-600}
 OP_PIDFILE=$STATE/demo-operator-$NS.pid # a *.pid: tests/env/down.sh stops it too
@@ -63,6 +64,10 @@ cleanup() {
 	if [[ -n $PROGRESS_PID ]]; then
 		kill -TERM "$PROGRESS_PID" 2>/dev/null || true
 		wait "$PROGRESS_PID" 2>/dev/null || true
+	fi
+	if [[ -n $CARGO_PID ]]; then
+		kill -TERM "$CARGO_PID" 2>/dev/null || true
+		wait "$CARGO_PID" 2>/dev/null || true
 	fi
 	if [[ -n $HELM_RELEASE ]]; then
 		helm uninstall "$HELM_RELEASE" -n "$KILN_NS" --wait >/dev/null 2>&1 || true
@@ -121,6 +126,16 @@ cluster)
 	;;
 *) fail "KILN_DEMO_MODE=$MODE: host or cluster" ;;
 esac
+# kiln compiles while up.sh builds and starts the servers: most of a cold start is
+# the two builds, and the Rust one has long stretches on one core.
+CARGO_LOG=$STATE/demo-cargo-build.log
+if [[ -z ${KILN_BIN:-} ]]; then
+	mkdir -p "$STATE"
+	cargo build --quiet --bin kiln --message-format=json-render-diagnostics >"$CARGO_LOG" 2>&1 &
+	CARGO_PID=$!
+fi
+# The host mode does not use helm: up.sh need not build it.
+[[ $MODE == cluster ]] || export KILN_ENV_NO_HELM=${KILN_ENV_NO_HELM:-1}
 bash tests/env/up.sh
 # shellcheck disable=SC1091
 . "$STATE/env.sh"
@@ -138,9 +153,10 @@ command -v "$KUBECTL" >/dev/null || fail "no kubectl: tests/env/up.sh should hav
 k() { "$KUBECTL" "$@"; }
 
 # ---------------------------------------------------------------------- kiln
-if [[ -z ${KILN_BIN:-} ]]; then
-	KILN_BIN=$(cargo build --quiet --bin kiln --message-format=json-render-diagnostics |
-		sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+if [[ -n $CARGO_PID ]]; then
+	wait "$CARGO_PID" || { tail -30 "$CARGO_LOG" >&2; fail "cargo build --bin kiln failed (log: $CARGO_LOG)"; }
+	CARGO_PID=""
+	KILN_BIN=$(sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' "$CARGO_LOG" | tail -1)
 fi
 [[ -x $KILN_BIN ]] || fail "no kiln binary (KILN_BIN=$KILN_BIN)"
 

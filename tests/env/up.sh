@@ -23,6 +23,7 @@
 #   KILN_SSHD_MAX_STARTUPS  sshd MaxStartups (default 200:30:400; the benchmark raises it)
 #   KILN_SSHD_MAX_SESSIONS  sshd MaxSessions (default 100)
 #   KILN_HELM_VERSION       helm to build, v3.x.y or v4.x.y (default v4.3.1)
+#   KILN_ENV_NO_HELM=1      do not build helm (examples/demo.sh in host mode); a cached one is linked
 #   KILN_CLUSTER            1: also run the one-node cluster (root only); 0: stop it;
 #                           unset: keep it running if it is (README.md, "Cluster mode")
 #   KILN_NODE_TIMEOUT       seconds to wait for the node to be Ready (default 120)
@@ -227,6 +228,19 @@ build_tools() {
 	} | sha256sum | cut -c1-16)
 	install_tool kubectl "$cache/kubectl-$kver-$key" build_kubectl
 
+	# The demo's host mode has no use for helm: not built for it (a cached one is
+	# still linked).
+	if [[ ${KILN_ENV_NO_HELM:-0} == 1 ]]; then
+		local cached
+		cached=$(LC_ALL=C ls -1t "$cache/helm-$HELM_VERSION"-* 2>/dev/null | head -1 || true)
+		if [[ -x $cached ]]; then
+			install_tool helm "$cached" false
+		else
+			log "helm: not built (KILN_ENV_NO_HELM=1)"
+		fi
+		ENV_EXTRA+=("KILN_TEST_BIN=$STATE/bin")
+		return
+	fi
 	[[ $HELM_VERSION =~ ^(v[34])\.[0-9]+\.[0-9]+$ ]] || die "KILN_HELM_VERSION=$HELM_VERSION: want v3.x.y or v4.x.y"
 	HELM_MODULE=helm.sh/helm/${BASH_REMATCH[1]}
 	pkg=$HELM_MODULE/internal/version

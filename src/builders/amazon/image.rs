@@ -118,7 +118,11 @@ async fn wait_available(
     w: &super::Waits,
 ) -> Result<Vec<String>, StepError> {
     let what = format!("image {id} in {} to become available", ec2.region);
-    wait_for(&what, w, ctx_cancel, || async {
+    let kind = super::WaitKind {
+        name: "image-available",
+        region: &ec2.region,
+    };
+    wait_for(&what, kind, w, ctx_cancel, || async {
         let r = ec2
             .client
             .describe_images()

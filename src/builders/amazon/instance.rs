@@ -192,7 +192,11 @@ async fn terminate(
     }
     // Waiting here lets the security group go on the first try.
     let cancel = tokio_util::sync::CancellationToken::new();
-    wait_for("the instance to terminate", w, &cancel, || async {
+    let kind = super::WaitKind {
+        name: "instance-terminated",
+        region: &ec2.region,
+    };
+    wait_for("the instance to terminate", kind, w, &cancel, || async {
         let r = ec2
             .client
             .describe_instances()
@@ -290,7 +294,11 @@ impl Step for InstanceReady {
             let id = output(&ctx.outputs, out::INSTANCE_ID)?.clone();
             let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &ebs.region).await?;
             let what = format!("instance {id} to run");
-            let addr = wait_for(&what, &w, &ctx.cancel, || async {
+            let kind = super::WaitKind {
+                name: "instance-running",
+                region: &ec2.region,
+            };
+            let addr = wait_for(&what, kind, &w, &ctx.cancel, || async {
                 let Some(i) = describe_one(&ec2, &id).await? else {
                     return Ok(None);
                 };
@@ -352,7 +360,11 @@ impl Step for StopInstance {
                 .await
                 .map_err(|e| AwsError::from_sdk("StopInstances", e).fail())?;
             let what = format!("instance {id} to stop");
-            wait_for(&what, &w, &ctx.cancel, || async {
+            let kind = super::WaitKind {
+                name: "instance-stopped",
+                region: &ec2.region,
+            };
+            wait_for(&what, kind, &w, &ctx.cancel, || async {
                 let state = describe_one(&ec2, &id)
                     .await?
                     .as_ref()

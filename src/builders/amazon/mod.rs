@@ -10,6 +10,7 @@ mod instance;
 mod key_pair;
 mod security_group;
 mod source;
+mod wait;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use std::time::Duration;
 pub use client::{AwsError, Ec2, http_client, new_http_client};
 pub use image::RemoveArtifacts;
 pub use source::current_source;
+pub use wait::{Kind as WaitKind, wait_for};
 
 use super::{PlanError, provisioner_steps};
 use crate::api::{AmazonEbsBuilder, ImageBuildSpec, duration};
@@ -194,46 +196,6 @@ pub fn waits(ebs: &AmazonEbsBuilder) -> Result<Waits, StepError> {
     })
 }
 
-/// Polls `check` until it yields a value, within the budget. The task, not a
-/// controller worker, does the waiting.
-///
-/// The interval grows with the time already waited (a fiftieth of it, from `poll`
-/// up to 4x `poll`): an hour-long copy does not poll every few seconds, yet no wait
-/// oversleeps its resource by more than about 2% of the time it took (the benchmark
-/// showed a twentieth costing 5% of each wait).
-pub async fn wait_for<T, F, Fut>(
-    what: &str,
-    waits: &Waits,
-    cancel: &tokio_util::sync::CancellationToken,
-    mut check: F,
-) -> Result<T, StepError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>, StepError>>,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        let delay = poll_delay(waits.poll, start.elapsed());
-        if start.elapsed() + delay > waits.timeout {
-            return Err(StepError::Failed(format!(
-                "timed out after {:?} waiting for {what} (spec.builder.amazonEBS.waitTimeout)",
-                waits.timeout
-            )));
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = cancel.cancelled() => return Err(StepError::Cancelled),
-        }
-    }
-}
-
-fn poll_delay(poll: Duration, waited: Duration) -> Duration {
-    (waited / 50).clamp(poll, poll * 4)
-}
-
 /// Expands `{{ build.timestamp }}`, `{{ build.name }}` and friends in the AMI name.
 /// Every build of a pipeline gets its own AMI name only if the name varies by build.
 pub fn repeatable(ebs: &crate::api::AmazonEbsBuilder) -> Result<(), PlanError> {
@@ -363,29 +325,6 @@ mod tests {
         assert_eq!(
             expand_name("{{build.name}}-g{{ build.generation }}", "w", "ns", 2, 0),
             "w-g2"
-        );
-    }
-
-    #[test]
-    fn polling_backs_off_with_the_time_waited() {
-        let poll = Duration::from_secs(2);
-        assert_eq!(poll_delay(poll, Duration::ZERO), poll);
-        assert_eq!(
-            poll_delay(poll, Duration::from_secs(150)),
-            Duration::from_secs(3)
-        );
-        assert_eq!(
-            poll_delay(poll, Duration::from_secs(3600)),
-            Duration::from_secs(8)
-        );
-        let fast = Duration::from_millis(100);
-        assert_eq!(
-            poll_delay(fast, Duration::from_secs(5)),
-            Duration::from_millis(100)
-        );
-        assert_eq!(
-            poll_delay(fast, Duration::from_secs(10)),
-            Duration::from_millis(200)
         );
     }
 
