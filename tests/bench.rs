@@ -75,7 +75,9 @@ impl Scenario {
 /// `KILN_BENCH_POLL`: the amazon-ebs builds' `pollInterval` instead of the
 /// fixtures' 100ms (e.g. `2s`, kiln's default).
 fn poll_setting() -> Option<String> {
-    std::env::var("KILN_BENCH_POLL").ok().filter(|p| !p.is_empty())
+    std::env::var("KILN_BENCH_POLL")
+        .ok()
+        .filter(|p| !p.is_empty())
 }
 
 /// `KILN_BENCH_WARMUP`: builds of the same spec run one after another before the
