@@ -11,3 +11,4 @@ pub mod pipeline;
 pub mod provisioners;
 pub mod refs;
 pub mod serve;
+pub mod sync;

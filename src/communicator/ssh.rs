@@ -43,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
+use crate::sync::lock;
+
 /// First pause between connection attempts; doubled after each failure.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Upper bound for the pause, so a machine that comes up late is still found
@@ -624,13 +626,6 @@ impl client::Handler for ClientHandler {
         *lock(&self.disconnect_reason) = Some(text);
         result
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded data is a plain value that cannot be left inconsistent.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An authenticated SSH connection. Every `exec`/`upload` opens its own

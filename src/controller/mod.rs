@@ -34,6 +34,7 @@ use crate::engine::{
     BuildFacts, BuildOutcome, CleanupContext, Plan, RecordError, RecordSink, Step, StepContext,
 };
 use crate::serve::{self, Health};
+use crate::sync::lock;
 use crate::{leader, metrics};
 use known::{Builds, Known};
 
@@ -275,10 +276,6 @@ async fn transitions(
             }
         });
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Builds by phase from the controllers' caches, for the `kiln_builds` gauge.

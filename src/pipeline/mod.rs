@@ -36,6 +36,7 @@ use crate::controller::{apply_params, status as writes};
 use crate::engine::runner::exponential;
 use crate::engine::{BuildFacts, BuildOutcome, CleanupContext};
 use crate::metrics;
+use crate::sync::lock;
 use decide::{Action, Decision, Input, Observed};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,10 +125,6 @@ pub fn controllers(
         out.push(stream);
     }
     out
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn error_policy(obj: Arc<ImagePipeline>, err: &Error, ctx: Arc<Context>) -> Requeue {

@@ -20,6 +20,7 @@ use aws_smithy_types::config_bag::ConfigBag;
 use crate::api::AmazonEbsBuilder;
 use crate::engine::{BuildFacts, StepError};
 use crate::refs;
+use crate::sync::lock;
 
 #[derive(Clone)]
 pub struct Ec2 {
@@ -245,11 +246,6 @@ pub fn new_http_client() -> aws_sdk_ec2::config::SharedHttpClient {
             tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The map is only ever replaced whole entries at a time: never inconsistent.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn utf8(b: Vec<u8>, field: &str) -> Result<String, StepError> {

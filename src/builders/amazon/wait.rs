@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::Waits;
 use crate::engine::StepError;
+use crate::sync::lock;
 
 /// What a wait is for, and where: its learned durations are kept by this.
 #[derive(Clone, Copy, Debug)]
@@ -35,11 +36,6 @@ const TAIL_FLOOR: Duration = Duration::from_millis(5);
 
 type Learned = HashMap<(&'static str, String), VecDeque<Duration>>;
 static LEARNED: LazyLock<Mutex<Learned>> = LazyLock::new(Mutex::default);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Whole entries are replaced under the lock: never inconsistent.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The typical duration of this kind of wait, if kiln has seen one.
 fn typical(kind: Kind<'_>) -> Option<Duration> {
