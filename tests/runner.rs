@@ -143,9 +143,8 @@ async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
             "echo \"token is $TOKEN\"",
         ]),
     );
-    f.create(&ok).await.unwrap();
     let ib = f
-        .wait_phase("facts", BuildPhase::Succeeded, Duration::from_secs(120))
+        .run_to(&ok, BuildPhase::Succeeded, Duration::from_secs(120))
         .await;
     let log = f.operator.logs();
     assert!(
@@ -196,11 +195,12 @@ async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
     .await;
 
     // A failing script.
-    f.create(&f.null_build("fails", local(&["echo about to fail", "exit 7"])))
-        .await
-        .unwrap();
     let ib = f
-        .wait_phase("fails", BuildPhase::Failed, Duration::from_secs(120))
+        .run_to(
+            &f.null_build("fails", local(&["echo about to fail", "exit 7"])),
+            BuildPhase::Failed,
+            Duration::from_secs(120),
+        )
         .await;
     let msg = ib.status.unwrap().message.unwrap_or_default();
     assert!(
@@ -211,9 +211,8 @@ async fn shell_local_runs_in_a_runner_pod_with_the_build_facts() {
     // An image that cannot be pulled fails the step (after a 30 s grace), saying so.
     let mut bad = f.null_build("no-image", local(&["true"]));
     bad["spec"]["provisioners"][0]["shellLocal"]["image"] = json!("kiln.test/no-such-image:1");
-    f.create(&bad).await.unwrap();
     let ib = f
-        .wait_phase("no-image", BuildPhase::Failed, Duration::from_secs(120))
+        .run_to(&bad, BuildPhase::Failed, Duration::from_secs(120))
         .await;
     let msg = ib.status.unwrap().message.unwrap_or_default();
     assert!(
@@ -351,9 +350,8 @@ async fn a_playbook_from_a_config_map_changes_the_host_with_the_build_facts() {
             json!({"greeting": "hello"}),
         ),
     );
-    f.create(&build).await.unwrap();
     let ib = f
-        .wait_phase("site", BuildPhase::Succeeded, Duration::from_secs(240))
+        .run_to(&build, BuildPhase::Succeeded, Duration::from_secs(240))
         .await;
     let dir = &f.host_dir;
     let page = read(dir, "page.txt");
@@ -407,16 +405,17 @@ async fn a_playbook_from_a_config_map_changes_the_host_with_the_build_facts() {
     assert_eq!(rec.resources.len(), 2, "{:?}", rec.resources);
 
     // A failing task fails the step with its name.
-    f.create(&node_build(
-        &f,
-        &c,
-        "fails",
-        ansible(&c, &f, "fail.yml", source.clone(), json!({})),
-    ))
-    .await
-    .unwrap();
     let ib = f
-        .wait_phase("fails", BuildPhase::Failed, Duration::from_secs(240))
+        .run_to(
+            &node_build(
+                &f,
+                &c,
+                "fails",
+                ansible(&c, &f, "fail.yml", source.clone(), json!({})),
+            ),
+            BuildPhase::Failed,
+            Duration::from_secs(240),
+        )
         .await;
     let msg = ib.status.unwrap().message.unwrap_or_default();
     assert!(
@@ -426,16 +425,17 @@ async fn a_playbook_from_a_config_map_changes_the_host_with_the_build_facts() {
     );
 
     // A playbook that is not in the ConfigMap: named before any Pod.
-    f.create(&node_build(
-        &f,
-        &c,
-        "missing",
-        ansible(&c, &f, "nope.yml", source, json!({})),
-    ))
-    .await
-    .unwrap();
     let ib = f
-        .wait_phase("missing", BuildPhase::Failed, Duration::from_secs(120))
+        .run_to(
+            &node_build(
+                &f,
+                &c,
+                "missing",
+                ansible(&c, &f, "nope.yml", source, json!({})),
+            ),
+            BuildPhase::Failed,
+            Duration::from_secs(120),
+        )
         .await;
     let msg = ib.status.unwrap().message.unwrap_or_default();
     assert!(
@@ -470,9 +470,8 @@ async fn an_amazon_ebs_build_runs_a_playbook_with_its_generated_key() {
     ebs["spec"]["communicator"]["ssh"]["host"] = json!(c.get("KILN_POD_SSH_HOST"));
     ebs["spec"]["communicator"]["ssh"]["port"] =
         json!(c.get("KILN_POD_SSH_PORT").parse::<u16>().unwrap());
-    f.create(&ebs).await.unwrap();
     let ib = f
-        .wait_phase("ebs", BuildPhase::Succeeded, Duration::from_secs(240))
+        .run_to(&ebs, BuildPhase::Succeeded, Duration::from_secs(240))
         .await;
     let page = read(&f.host_dir, "page.txt");
     assert!(
@@ -569,31 +568,33 @@ async fn a_playbook_from_a_git_repository_runs_at_its_revision() {
     );
     let url = format!("git://{host}:{port}/playbooks.git");
     let source = |rev: &str| json!({"git": {"url": url, "revision": rev, "path": "ansible"}});
-    f.create(&node_build(
-        &f,
-        &c,
-        "git",
-        ansible(&c, &f, "site.yml", source("release"), json!({})),
-    ))
-    .await
-    .unwrap();
     let ib = f
-        .wait_phase("git", BuildPhase::Succeeded, Duration::from_secs(240))
+        .run_to(
+            &node_build(
+                &f,
+                &c,
+                "git",
+                ansible(&c, &f, "site.yml", source("release"), json!({})),
+            ),
+            BuildPhase::Succeeded,
+            Duration::from_secs(240),
+        )
         .await;
     assert_eq!(read(&f.host_dir, "git.txt"), "from git ansible-1\n");
     let msg = step_message(&ib, "ansible-1");
     assert!(msg.contains(&format!("commit {commit}")), "{msg}");
 
-    f.create(&node_build(
-        &f,
-        &c,
-        "norev",
-        ansible(&c, &f, "site.yml", source("no-such-branch"), json!({})),
-    ))
-    .await
-    .unwrap();
     let ib = f
-        .wait_phase("norev", BuildPhase::Failed, Duration::from_secs(240))
+        .run_to(
+            &node_build(
+                &f,
+                &c,
+                "norev",
+                ansible(&c, &f, "site.yml", source("no-such-branch"), json!({})),
+            ),
+            BuildPhase::Failed,
+            Duration::from_secs(240),
+        )
         .await;
     let msg = ib.status.unwrap().message.unwrap_or_default();
     assert!(
@@ -629,27 +630,29 @@ async fn a_playbook_from_a_git_repository_runs_at_its_revision() {
         s
     };
     std::fs::remove_file(f.host_dir.join("git.txt")).unwrap();
-    f.create(&node_build(
-        &f,
-        &c,
-        "http",
-        ansible(&c, &f, "site.yml", http(true), json!({})),
-    ))
-    .await
-    .unwrap();
-    f.wait_phase("http", BuildPhase::Succeeded, Duration::from_secs(240))
-        .await;
+    f.run_to(
+        &node_build(
+            &f,
+            &c,
+            "http",
+            ansible(&c, &f, "site.yml", http(true), json!({})),
+        ),
+        BuildPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
     assert_eq!(read(&f.host_dir, "git.txt"), "from git ansible-1\n");
-    f.create(&node_build(
-        &f,
-        &c,
-        "nocreds",
-        ansible(&c, &f, "site.yml", http(false), json!({})),
-    ))
-    .await
-    .unwrap();
     let ib = f
-        .wait_phase("nocreds", BuildPhase::Failed, Duration::from_secs(240))
+        .run_to(
+            &node_build(
+                &f,
+                &c,
+                "nocreds",
+                ansible(&c, &f, "site.yml", http(false), json!({})),
+            ),
+            BuildPhase::Failed,
+            Duration::from_secs(240),
+        )
         .await;
     let msg = ib.status.unwrap().message.unwrap_or_default();
     assert!(

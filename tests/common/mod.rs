@@ -492,6 +492,13 @@ impl Fixture {
         api.create(&PostParams::default(), &o).await.map(|_| ())
     }
 
+    /// Creates the ImageBuild and waits for it to reach `phase`.
+    pub async fn run_to(&self, obj: &Value, phase: BuildPhase, timeout: Duration) -> ImageBuild {
+        self.create(obj).await.unwrap();
+        let name = obj["metadata"]["name"].as_str().expect("metadata.name");
+        self.wait_phase(name, phase, timeout).await
+    }
+
     pub async fn wait_phase(&self, name: &str, phase: BuildPhase, timeout: Duration) -> ImageBuild {
         let api = self.api();
         let what = format!("{}/{name} to reach {phase:?}", self.ns);
