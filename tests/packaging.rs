@@ -7,9 +7,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -66,33 +65,7 @@ fn tools() -> &'static Tools {
 
 fn exec(program: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let t = tools();
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .current_dir(repo_root())
-        .env("KUBECONFIG", &t.kubeconfig)
-        .env("HELM_CACHE_HOME", t.helm_home.join("cache"))
-        .env("HELM_CONFIG_HOME", t.helm_home.join("config"))
-        .env("HELM_DATA_HOME", t.helm_home.join("data"))
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
-    if let Some(input) = stdin {
-        // Written from a thread: a large input must not block against a full stdout.
-        // A command that exits without reading it all fails on its own account.
-        let mut pipe = child.stdin.take().expect("stdin");
-        let input = input.to_string();
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(input.as_bytes());
-        });
-    }
-    child.wait_with_output().expect("waiting for the command")
+    common::run_tool(program, &t.kubeconfig, &t.helm_home, args, stdin)
 }
 
 fn describe(program: &Path, args: &[&str], out: &Output) -> String {

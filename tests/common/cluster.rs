@@ -2,12 +2,10 @@
 //! env.sh, and the tools (kubectl, helm) run against it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use serde_json::Value;
-
-use super::repo_root;
 
 /// What env.sh says about the cluster.
 pub struct Cluster {
@@ -28,31 +26,13 @@ impl Cluster {
 
     pub fn run(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
         let helm_home = PathBuf::from(self.get("KILN_TEST_ENV")).join("helm-home");
-        let mut cmd = Command::new(self.tool(tool));
-        cmd.args(args)
-            .current_dir(repo_root())
-            .env("KUBECONFIG", self.get("KUBECONFIG"))
-            .env("HELM_CACHE_HOME", helm_home.join("cache"))
-            .env("HELM_CONFIG_HOME", helm_home.join("config"))
-            .env("HELM_DATA_HOME", helm_home.join("data"))
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{tool}: {e}"));
-        if let Some(text) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
+        super::run_tool(
+            &self.tool(tool),
+            Path::new(&self.get("KUBECONFIG")),
+            &helm_home,
+            args,
+            stdin,
+        )
     }
 
     /// Runs it, panicking with its output unless it succeeds; returns stdout.

@@ -900,3 +900,43 @@ pub fn facts_for(
         .map(|(n, r)| (n.clone(), r.ansible.clone()))
         .collect()
 }
+
+/// Runs kubectl or helm from the repository's root against `kubeconfig`, with helm's
+/// state under `helm_home`, and `stdin` as its input; its output.
+pub fn run_tool(
+    program: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    helm_home: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(repo_root())
+        .env("KUBECONFIG", kubeconfig)
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    if let Some(input) = stdin {
+        // Written from a thread: a large input must not block against a full stdout.
+        // A command that exits without reading it all fails on its own account.
+        let mut pipe = child.stdin.take().expect("stdin");
+        let input = input.to_string();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(input.as_bytes());
+        });
+    }
+    child.wait_with_output().expect("waiting for the command")
+}
