@@ -92,6 +92,26 @@ async fn happy_path_builds_tags_copies_and_leaves_nothing_behind() {
             r#"kiln_cloud_api_calls_total{provider="aws",action="DescribeImages",outcome="success"}"#
         ) >= 2.0
     );
+    // Fewer calls than Packer's 26 for the same build (issue 6/6): tags go with the
+    // create calls, creates come before lookups, and cleanup deletes what it recorded
+    // without looking it up again. With no delays every wait checks once.
+    let by_action: Vec<(String, f64)> = scraped
+        .lines()
+        .filter(|l| l.starts_with(r#"kiln_cloud_api_calls_total{provider="aws""#))
+        .filter_map(|l| {
+            let action = l.split("action=\"").nth(1)?.split('"').next()?.to_string();
+            Some((action, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    let total: f64 = by_action.iter().map(|(_, n)| n).sum();
+    println!("FIGURES: amazon-ebs happy path EC2 calls {total}: {by_action:?}");
+    assert!(total <= 22.0, "{total} EC2 calls: {by_action:?}");
+    for action in ["CreateTags", "DescribeKeyPairs", "DescribeVolumes"] {
+        assert!(
+            !by_action.iter().any(|(a, _)| a == action),
+            "{action} in {by_action:?}"
+        );
+    }
 
     // Cloud credentials and the generated private key appear nowhere.
     let status_json = serde_json::to_string(&ib.status).unwrap();

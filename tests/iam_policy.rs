@@ -10,6 +10,8 @@
 //! action (`ec2:<Operation>`) is the SDK's own, not a guess from the snake case.
 //! Matching on names rather than on `ec2.client.` keeps working however the client
 //! is reached (a local binding, a helper, a paginator).
+//! Tags given in a create call (`tag_specifications`) count as `ec2:CreateTags`,
+//! which is how EC2 authorizes them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -301,13 +303,20 @@ fn scan_code(ops: &BTreeMap<String, String>) -> CodeScan {
         operations: BTreeMap::new(),
         error_labels: Vec::new(),
     };
+    let tagging = "CreateTags".to_string();
     for file in files {
         let raw = std::fs::read_to_string(&file).unwrap();
         let code = strip_comments(&raw, false);
         let with_strings = strip_comments(&raw, true);
         let rel = file.strip_prefix(root()).unwrap().display().to_string();
         for (name, at) in method_calls(&code) {
-            if let Some(op) = ops.get(&name) {
+            // Tags given in a create call are authorized as `ec2:CreateTags`.
+            let op = if name == "tag_specifications" || name == "set_tag_specifications" {
+                Some(&tagging)
+            } else {
+                ops.get(&name)
+            };
+            if let Some(op) = op {
                 scan.operations
                     .entry(op.clone())
                     .or_default()

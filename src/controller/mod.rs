@@ -676,6 +676,7 @@ async fn decide(
                                 cancel: ctx.runner.token(),
                                 outputs,
                                 recorded: rec.map(|r| r.resources).unwrap_or_default(),
+                                attempt: key.attempt,
                                 step_name: step.name().to_string(),
                                 sessions: ctx.sessions.clone(),
                                 runner: ctx.runner_defaults.clone(),
@@ -951,7 +952,7 @@ impl RecordSink for StatusSink {
         &self,
         facts: Arc<BuildFacts>,
         step_index: usize,
-        resource: ResourceRecord,
+        resources: Vec<ResourceRecord>,
     ) -> BoxFuture<'static, Result<(), RecordError>> {
         let client = self.client.clone();
         let lock = self.builds.lock(&facts.uid);
@@ -981,14 +982,19 @@ impl RecordSink for StatusSink {
                 let Some(rec) = st.steps.get_mut(step_index) else {
                     return Err(RecordError::Gone(format!("no step {step_index} in status")));
                 };
-                if rec
-                    .resources
+                let new: Vec<_> = resources
                     .iter()
-                    .any(|r| r.kind == resource.kind && r.id == resource.id)
-                {
+                    .filter(|n| {
+                        !rec.resources
+                            .iter()
+                            .any(|r| r.kind == n.kind && r.id == n.id)
+                    })
+                    .cloned()
+                    .collect();
+                if new.is_empty() {
                     return Ok(());
                 }
-                rec.resources.push(resource.clone());
+                rec.resources.extend(new);
                 match status::apply(&api, &obj, &st).await {
                     Ok(written) => {
                         known.wrote(written);

@@ -50,6 +50,10 @@ pub struct StepContext {
     pub outputs: BTreeMap<String, String>,
     /// Resources an earlier attempt of this step recorded before the operator stopped.
     pub recorded: Vec<ResourceRecord>,
+    /// 1 on the step's first run; more when it resumes after the operator stopped.
+    /// Only a resumed step can meet what an earlier attempt made and did not record,
+    /// so only it needs to look for that.
+    pub attempt: u32,
     pub step_name: String,
     /// The build's SSH connection, kept between the steps that use one.
     pub sessions: Arc<SessionPool>,
@@ -66,25 +70,38 @@ impl StepContext {
     /// restarting apiserver) is retried with backoff for as long as the step runs:
     /// the step is about to wait anyway, and failing it would tear down the build.
     pub async fn record(&self, resource: ResourceRecord) -> Result<(), StepError> {
+        self.record_all(vec![resource]).await
+    }
+
+    /// Several resources in one status write: names fixed before any of them is
+    /// made cost one write instead of one each.
+    pub async fn record_all(&self, resources: Vec<ResourceRecord>) -> Result<(), StepError> {
         let mut failures = 0;
+        let what = || {
+            resources
+                .iter()
+                .map(|r| format!("{} {}", r.kind, r.id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         loop {
             let err = match self
                 .sink
-                .record(self.facts.clone(), self.step_index, resource.clone())
+                .record(self.facts.clone(), self.step_index, resources.clone())
                 .await
             {
                 Ok(()) => return Ok(()),
                 Err(RecordError::Gone(why)) => {
                     return Err(StepError::Failed(format!(
-                        "recording {} {} in status: {why}",
-                        resource.kind, resource.id
+                        "recording {} in status: {why}",
+                        what()
                     )));
                 }
                 Err(RecordError::Write(e)) => e,
             };
             failures += 1;
             let delay = runner::backoff(failures).min(std::time::Duration::from_secs(10));
-            tracing::warn!(error = %err, kind = %resource.kind, id = %resource.id, retry_in_ms = delay.as_millis() as u64, "could not record a resource in status; retrying");
+            tracing::warn!(error = %err, resources = %what(), retry_in_ms = delay.as_millis() as u64, "could not record resources in status; retrying");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.cancel.cancelled() => return Err(StepError::Cancelled),
@@ -197,13 +214,13 @@ pub trait Step: Send + Sync {
     }
 }
 
-/// Persists a resource into the running step's status record.
+/// Persists resources into the running step's status record, in one write.
 pub trait RecordSink: Send + Sync {
     fn record(
         &self,
         facts: Arc<BuildFacts>,
         step_index: usize,
-        resource: ResourceRecord,
+        resources: Vec<ResourceRecord>,
     ) -> BoxFuture<'static, Result<(), RecordError>>;
 }
 

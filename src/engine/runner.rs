@@ -325,7 +325,7 @@ mod tests {
             &self,
             _facts: Arc<BuildFacts>,
             _step_index: usize,
-            _resource: ResourceRecord,
+            _resources: Vec<ResourceRecord>,
         ) -> BoxFuture<'static, Result<(), RecordError>> {
             let n = self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
@@ -359,6 +359,7 @@ mod tests {
             cancel: runner.token(),
             outputs: BTreeMap::new(),
             recorded: Vec::new(),
+            attempt: 1,
             step_name: "panics".into(),
             sessions: Arc::default(),
             runner: Arc::default(),

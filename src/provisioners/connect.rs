@@ -1,12 +1,15 @@
 //! Opens an SSH session to the build machine from the spec, the secrets it names and
 //! what earlier steps found out (a cloud builder's address or generated key).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::api::duration;
 use crate::communicator::ssh::{self, HostKeyPolicy, Session, Target};
 use crate::engine::{StepContext, StepError};
 use crate::refs;
+use crate::sync::lock;
 
 /// Output keys earlier steps may set to steer the connection.
 pub const OUT_HOST: &str = "host";
@@ -17,6 +20,32 @@ pub const OUT_HOST_KEY: &str = "host_key";
 pub const OUT_KEY_SECRET: &str = "ssh_key_secret";
 
 pub const DEFAULT_PRIVATE_KEY_KEY: &str = "ssh-privatekey";
+
+/// Private keys this process generated and stored, by `namespace/name` of their
+/// Secret: the step that connects uses the key without reading back the Secret a
+/// step of the same build has just written. After a restart, or once `KEY_TTL` has
+/// passed, the Secret is read.
+static GENERATED_KEYS: LazyLock<Mutex<HashMap<String, (String, Instant)>>> =
+    LazyLock::new(Mutex::default);
+const KEY_TTL: Duration = Duration::from_secs(3600);
+
+pub fn remember_generated_key(secret: &str, pem: String) {
+    let mut keys = lock(&GENERATED_KEYS);
+    keys.retain(|_, (_, made)| made.elapsed() < KEY_TTL);
+    keys.insert(secret.to_string(), (pem, Instant::now()));
+}
+
+/// When the Secret goes, so does the copy.
+pub fn forget_generated_key(secret: &str) {
+    lock(&GENERATED_KEYS).remove(secret);
+}
+
+fn generated_key(secret: &str) -> Option<String> {
+    lock(&GENERATED_KEYS)
+        .get(secret)
+        .filter(|(_, made)| made.elapsed() < KEY_TTL)
+        .map(|(pem, _)| pem.clone())
+}
 pub const DEFAULT_KNOWN_HOSTS_KEY: &str = "known_hosts";
 
 pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
@@ -46,11 +75,14 @@ pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
             )
             .await
         }
-        (None, Some(generated)) => {
-            let (gns, gname) = generated.split_once('/').unwrap_or((ns, generated));
-            refs::secret_key(&ctx.client, gns, gname, DEFAULT_PRIVATE_KEY_KEY, "generated key pair")
-                .await
-        }
+        (None, Some(generated)) => match generated_key(generated) {
+            Some(pem) => Ok(refs::SecretBytes(pem.into_bytes())),
+            None => {
+                let (gns, gname) = generated.split_once('/').unwrap_or((ns, generated));
+                refs::secret_key(&ctx.client, gns, gname, DEFAULT_PRIVATE_KEY_KEY, "generated key pair")
+                    .await
+            }
+        },
         (None, None) => {
             return Err(StepError::Failed(
                 "spec.communicator.ssh.privateKeySecretRef: required, no private key to authenticate with"

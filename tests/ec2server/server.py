@@ -197,6 +197,7 @@ def install_patches() -> None:
     from moto.ec2.responses.amis import AmisResponse
     from moto.ec2.responses.elastic_block_store import ElasticBlockStore
     from moto.ec2.responses.instances import InstanceResponse
+    from moto.ec2.responses.key_pairs import KeyPairs
 
     now = time.monotonic
 
@@ -509,6 +510,23 @@ def install_patches() -> None:
         return res
 
     ElasticBlockStore.describe_snapshots = describe_snapshots
+
+    # ---- DeleteKeyPair by KeyPairId (moto reads only KeyName) --------------
+    orig_delete_key_pair = KeyPairs.delete_key_pair
+
+    def delete_key_pair(self: Any) -> Any:
+        kid = self._get_param("KeyPairId")
+        if not kid or self._get_param("KeyName"):
+            return orig_delete_key_pair(self)
+        self.error_on_dryrun()
+        pairs = self.ec2_backend.key_pairs
+        name = next((n for n, kp in pairs.items() if kp.id == kid), None)
+        if name is not None:
+            pairs.pop(name)
+        # Like a name that does not exist: done.
+        return ActionResult({"Return": True, "KeyPairId": kid})
+
+    KeyPairs.delete_key_pair = delete_key_pair
 
     # ---- DeleteSecurityGroup: DependencyViolation while in use -------------
     orig_delete_sg = SecurityGroupBackend.delete_security_group

@@ -607,6 +607,12 @@ def test_key_pairs(ec2):
     with pytest.raises(ClientError) as e:
         ec2.describe_key_pairs(KeyNames=["kiln-k1"])
     assert err(e)[0] == "InvalidKeyPair.NotFound"
+    # By ID: only that key pair, whatever else has a name.
+    assert ec2.delete_key_pair(KeyPairId=ed["KeyPairId"])["KeyPairId"] == ed["KeyPairId"]
+    with pytest.raises(ClientError) as e:
+        ec2.describe_key_pairs(KeyNames=["kiln-k2"])
+    assert err(e)[0] == "InvalidKeyPair.NotFound"
+    ec2.delete_key_pair(KeyPairId=ed["KeyPairId"])  # gone already: done
 
 
 def test_import_key_pair(ec2):

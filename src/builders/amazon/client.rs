@@ -81,7 +81,8 @@ pub const SECRET_SESSION_TOKEN: &str = "AWS_SESSION_TOKEN";
 
 /// A build's clients, by what makes one: a build's steps (about 16 clients for an
 /// amazon-ebs build) share one per region instead of each reading the credentials
-/// Secret again. Kept for `CLIENT_TTL`, so a rotated Secret takes effect within it.
+/// Secret again, and a region's first client takes the credentials of another
+/// region's. Kept for `CLIENT_TTL`, so a rotated Secret takes effect within it.
 type ClientKey = (String, i64, String, Option<String>, Option<String>);
 static BUILD_CLIENTS: LazyLock<Mutex<HashMap<ClientKey, (Ec2, Instant)>>> =
     LazyLock::new(Mutex::default);
@@ -103,18 +104,51 @@ impl Ec2 {
             ebs.credentials.as_ref().map(|c| c.secret_ref.name.clone()),
             ebs.endpoint.clone(),
         );
-        let cached = lock(&BUILD_CLIENTS)
-            .get(&key)
-            .filter(|(_, made)| made.elapsed() < CLIENT_TTL)
-            .map(|(ec2, _)| ec2.clone());
+        let (cached, sibling) = {
+            let clients = lock(&BUILD_CLIENTS);
+            let fresh = |made: &Instant| made.elapsed() < CLIENT_TTL;
+            let cached = clients
+                .get(&key)
+                .filter(|(_, made)| fresh(made))
+                .map(|(ec2, _)| ec2.clone());
+            // Same build, Secret and endpoint; another region.
+            let sibling = clients
+                .iter()
+                .find(|((uid, g, _, secret, endpoint), (_, made))| {
+                    (uid, *g, secret, endpoint) == (&key.0, key.1, &key.3, &key.4) && fresh(made)
+                })
+                .map(|(_, (ec2, made))| (ec2.clone(), *made));
+            (cached, sibling)
+        };
         if let Some(ec2) = cached {
             return Ok(ec2);
         }
-        let ec2 = Ec2::new(ebs, kube, &facts.namespace, region).await?;
+        let (ec2, made) = match sibling {
+            // Expires with the client it was made from: the Secret was read then.
+            Some((other, made)) => (other.in_region(region), made),
+            None => (
+                Ec2::new(ebs, kube, &facts.namespace, region).await?,
+                Instant::now(),
+            ),
+        };
         let mut clients = lock(&BUILD_CLIENTS);
         clients.retain(|_, (_, made)| made.elapsed() < CLIENT_TTL);
-        clients.insert(key, (ec2.clone(), Instant::now()));
+        clients.insert(key, (ec2.clone(), made));
         Ok(ec2)
+    }
+
+    /// The same client (credentials, endpoint, retries, metrics) for another region.
+    fn in_region(&self, region: &str) -> Ec2 {
+        let config = self
+            .client
+            .config()
+            .to_builder()
+            .region(Region::new(region.to_string()))
+            .build();
+        Ec2 {
+            client: aws_sdk_ec2::Client::from_conf(config),
+            region: region.to_string(),
+        }
     }
 
     /// A new client: reads the credentials Secret (see `for_build` for a build's).

@@ -151,22 +151,11 @@ async fn wait_available(
     .await
 }
 
-async fn tag(ec2: &Ec2, ids: &[String], t: &[aws_sdk_ec2::types::Tag]) -> Result<(), StepError> {
-    if ids.is_empty() || t.is_empty() {
-        return Ok(());
-    }
-    ec2.client
-        .create_tags()
-        .set_resources(Some(ids.to_vec()))
-        .set_tags(Some(t.to_vec()))
-        .send()
-        .await
-        .map_err(|e| AwsError::from_sdk("CreateTags", e).fail())?;
-    Ok(())
-}
-
 /// Records the new image before waiting on it, waits until it is available, then
-/// records and tags its snapshots and describes the artifact.
+/// describes the artifact. Image and snapshots carry their tags from the create
+/// call (see [`image_tags`]); the snapshots are recorded with the step's result, as
+/// nothing waits on them: should the operator stop before that, cleanup finds them
+/// by tag and by the image's block device mappings.
 async fn capture(
     ctx: &StepContext,
     ec2: &Ec2,
@@ -174,7 +163,6 @@ async fn capture(
     id: &str,
     artifact: bool,
 ) -> Result<StepOutput, StepError> {
-    let ebs = ebs(&ctx.spec)?;
     ctx.record(ResourceRecord {
         kind: "Image".into(),
         id: id.to_string(),
@@ -183,19 +171,17 @@ async fn capture(
     })
     .await?;
     let snapshots = wait_available(ec2, id, &ctx.cancel, w).await?;
-    for s in &snapshots {
-        ctx.record(ResourceRecord {
-            kind: "Snapshot".into(),
-            id: s.clone(),
-            region: Some(ec2.region.clone()),
-            created: true,
-        })
-        .await?;
-    }
-    tag(ec2, &[id.to_string()], &tags(&ctx.facts, &ebs.tags)).await?;
-    tag(ec2, &snapshots, &tags(&ctx.facts, &ebs.snapshot_tags)).await?;
     let mut o = StepOutput {
         message: Some(format!("{id} is available in {}", ec2.region)),
+        resources: snapshots
+            .iter()
+            .map(|s| ResourceRecord {
+                kind: "Snapshot".into(),
+                id: s.clone(),
+                region: Some(ec2.region.clone()),
+                created: true,
+            })
+            .collect(),
         ..Default::default()
     };
     if !artifact {
@@ -462,9 +448,10 @@ fn foreign_image(name: &str, id: &str, region: &str, facts: &BuildFacts) -> Step
 }
 
 /// This build's image of that name, or a failure naming whoever holds the name.
-/// Creates it with `create` when the name is free; a create whose reply was lost
-/// (the call took effect, then a 5xx, and the SDK's retry met
-/// `InvalidAMIName.Duplicate`) finds the image it made by name and tag.
+/// Creates it with `create` first: only a taken name (`InvalidAMIName.Duplicate`)
+/// makes it look the name up, which finds the image of an earlier attempt, or of a
+/// create whose reply was lost (the call took effect, then a 5xx, and the SDK's
+/// retry met the name), by name and tag.
 async fn ensure_image<F, Fut>(
     ec2: &Ec2,
     name: &str,
@@ -475,11 +462,6 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<Option<String>, AwsError>>,
 {
-    match named(ec2, name, facts).await? {
-        Named::Ours(id) => return Ok(id),
-        Named::Foreign(id) => return Err(foreign_image(name, &id, &ec2.region, facts)),
-        Named::Free => {}
-    }
     let e = match create().await {
         Ok(Some(id)) => return Ok(id),
         Ok(None) => {

@@ -5,8 +5,8 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 
 use super::{
-    AwsError, Ec2, cleanup_regions, cleanup_waits, client_token, ebs, filter, out, output,
-    recorded_in, tag_spec, tags, wait_for, waits,
+    AwsError, Ec2, cleanup_regions, cleanup_waits, client_token, ebs, filter, may_miss, out,
+    output, recorded_in, tag_spec, tags, wait_for, waits,
 };
 use crate::api::{BUILD_UID_TAG, ResourceRecord, SshInterface};
 use crate::engine::{BuildFacts, CleanupContext, Step, StepContext, StepError, StepOutput};
@@ -71,7 +71,13 @@ impl Step for RunInstance {
             let ebs = ebs(&ctx.spec)?;
             let facts = &ctx.facts;
             let ec2 = Ec2::for_build(ebs, &ctx.client, facts, &ebs.region).await?;
-            let existing = find_instances(&ec2, facts).await.map_err(AwsError::fail)?;
+            // Only a resumed step can find one: the ClientToken covers the SDK's own
+            // retries, the tag lookup an attempt that launched before it stopped.
+            let existing = if ctx.attempt > 1 {
+                find_instances(&ec2, facts).await.map_err(AwsError::fail)?
+            } else {
+                Vec::new()
+            };
             let id = if let Some(id) = existing.first() {
                 id.clone()
             } else {
@@ -150,7 +156,15 @@ impl Step for RunInstance {
             for region in cleanup_regions(&ctx.record, &ebs.region) {
                 let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
                 let ids = recorded_in(&ctx.record, "Instance", &region, &ebs.region);
-                terminate(&ec2, ids, &ctx.facts, &w).await?;
+                let look = Lookups {
+                    instances: may_miss(&ctx.record, "Instance"),
+                    // Known when the instance ran: only then is a lookup skipped.
+                    volumes: ctx
+                        .outputs
+                        .get(out::KEPT_VOLUMES)
+                        .is_none_or(|v| !v.is_empty()),
+                };
+                terminate(&ec2, ids, look, &ctx.facts, &w).await?;
             }
             Ok(())
         })
@@ -161,22 +175,38 @@ impl Step for RunInstance {
     }
 }
 
-/// Terminates the recorded instances and any of the build's generation found by tag
-/// in `ec2`'s region, waits until they are gone, then deletes the volumes they left.
+/// What a cleanup must look up by tag because its records may not name it all.
+struct Lookups {
+    /// Instances launched but not recorded when the operator stopped.
+    instances: bool,
+    /// Volumes that outlive the instance: unless the running instance listed every
+    /// volume it has as deleted with it.
+    volumes: bool,
+}
+
+/// Terminates the recorded instances and, if it must look, any of the build's
+/// generation found by tag in `ec2`'s region, waits until they are gone, then
+/// deletes the volumes they left.
 async fn terminate(
     ec2: &Ec2,
     mut ids: Vec<String>,
+    look: Lookups,
     facts: &BuildFacts,
     w: &super::Waits,
 ) -> Result<(), StepError> {
-    // Launched but not yet recorded when the operator stopped: found by tag.
-    for id in find_instances(ec2, facts).await.map_err(AwsError::retry)? {
-        if !ids.contains(&id) {
-            ids.push(id);
+    if look.instances {
+        for id in find_instances(ec2, facts).await.map_err(AwsError::retry)? {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
         }
     }
     if ids.is_empty() {
-        return delete_volumes(ec2, facts).await;
+        return if look.volumes {
+            delete_volumes(ec2, facts).await
+        } else {
+            Ok(())
+        };
     }
     if let Err(e) = ec2
         .client
@@ -228,7 +258,11 @@ async fn terminate(
         StepError::Failed(m) => StepError::Transient(m),
         other => other,
     })?;
-    delete_volumes(ec2, facts).await
+    if look.volumes {
+        delete_volumes(ec2, facts).await
+    } else {
+        Ok(())
+    }
 }
 
 /// Volumes of this build's generation that outlived its instance: those launched
@@ -279,6 +313,25 @@ async fn delete_volumes(ec2: &Ec2, facts: &BuildFacts) -> Result<(), StepError> 
     }
 }
 
+/// The running instance's EBS volumes that outlive it (`deleteOnTermination`
+/// false), or `None` when it lists none or one without saying: then cleanup looks
+/// them up by tag.
+fn kept_volumes(i: &aws_sdk_ec2::types::Instance) -> Option<Vec<String>> {
+    let mappings = i.block_device_mappings();
+    if mappings.is_empty() {
+        return None;
+    }
+    let mut kept = Vec::new();
+    for m in mappings {
+        let ebs = m.ebs()?;
+        let id = ebs.volume_id()?;
+        if !ebs.delete_on_termination()? {
+            kept.push(id.to_string());
+        }
+    }
+    Some(kept)
+}
+
 /// Waits until the instance runs and has the address `sshInterface` asks for.
 pub struct InstanceReady;
 
@@ -322,9 +375,13 @@ impl Step for InstanceReady {
                     SshInterface::PublicDns => i.public_dns_name(),
                     SshInterface::PrivateDns => i.private_dns_name(),
                 };
-                Ok(addr
-                    .filter(|a| !a.is_empty())
-                    .map(|a| (a.to_string(), i.private_ip_address().map(str::to_string))))
+                Ok(addr.filter(|a| !a.is_empty()).map(|a| {
+                    (
+                        a.to_string(),
+                        i.private_ip_address().map(str::to_string),
+                        kept_volumes(&i),
+                    )
+                }))
             })
             .await?;
             let mut o = StepOutput {
@@ -334,6 +391,9 @@ impl Step for InstanceReady {
             o.outputs.insert(OUT_HOST.into(), addr.0);
             if let Some(p) = addr.1 {
                 o.outputs.insert("private_ip".into(), p);
+            }
+            if let Some(kept) = addr.2 {
+                o.outputs.insert(out::KEPT_VOLUMES.into(), kept.join(","));
             }
             Ok(o)
         })

@@ -46,23 +46,25 @@ impl Step for KeyPairStep {
             }
             let facts = &ctx.facts;
             let secret = secret_name(facts);
-            ctx.record(ResourceRecord {
-                kind: "Secret".into(),
-                id: secret.clone(),
-                region: None,
-                created: true,
-            })
+            let name = key_name(facts);
+            // Both names are fixed by the build: one status write records them
+            // before either is made.
+            ctx.record_all(vec![
+                ResourceRecord {
+                    kind: "Secret".into(),
+                    id: secret.clone(),
+                    region: None,
+                    created: true,
+                },
+                ResourceRecord {
+                    kind: "KeyPair".into(),
+                    id: name.clone(),
+                    region: Some(ebs.region.clone()),
+                    created: true,
+                },
+            ])
             .await?;
             let public = ensure_secret(ctx, &secret).await?;
-
-            let name = key_name(facts);
-            ctx.record(ResourceRecord {
-                kind: "KeyPair".into(),
-                id: name.clone(),
-                region: Some(ebs.region.clone()),
-                created: true,
-            })
-            .await?;
             let ec2 = Ec2::for_build(ebs, &ctx.client, facts, &ebs.region).await?;
             let r = ec2
                 .client
@@ -75,8 +77,8 @@ impl Step for KeyPairStep {
                 ))
                 .send()
                 .await;
-            match r {
-                Ok(_) => {}
+            let id = match r {
+                Ok(r) => r.key_pair_id().map(str::to_string),
                 // Our deterministic name: an earlier attempt (or a call whose reply
                 // was lost) imported it, if it carries this build's tag.
                 Err(e) => {
@@ -84,13 +86,21 @@ impl Step for KeyPairStep {
                     if !e.is("InvalidKeyPair.Duplicate") {
                         return Err(e.fail());
                     }
-                    if owner(&ec2, &name, facts).await.map_err(AwsError::fail)? == Owner::Other {
-                        return Err(StepError::Failed(format!(
-                            "key pair {name} in {} has kiln's name for this build but not its {BUILD_UID_TAG}={} tag: kiln neither uses nor deletes it; remove it",
-                            ebs.region, facts.uid
-                        )));
+                    match owner(&ec2, &name, facts).await.map_err(AwsError::fail)? {
+                        Owner::Us(id) => id,
+                        _ => {
+                            return Err(StepError::Failed(format!(
+                                "key pair {name} in {} has kiln's name for this build but not its {BUILD_UID_TAG}={} tag: kiln neither uses nor deletes it; remove it",
+                                ebs.region, facts.uid
+                            )));
+                        }
                     }
                 }
+            };
+            // Cleanup deletes by this ID: exactly the key pair imported here,
+            // with no lookup of whose a key pair of that name is.
+            if let Some(id) = id {
+                o.outputs.insert(out::KEY_PAIR_ID.into(), id);
             }
             o.outputs.insert(out::KEY_PAIR.into(), name.clone());
             o.outputs.insert(
@@ -112,21 +122,30 @@ impl Step for KeyPairStep {
                     "KeyPair" => {
                         let region = r.region.clone().unwrap_or_else(|| ebs.region.clone());
                         let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
-                        // The name is recorded before the import: a key pair of that
-                        // name without the build's tag is someone else's.
-                        match owner(&ec2, &r.id, &ctx.facts)
-                            .await
-                            .map_err(AwsError::retry)?
-                        {
-                            Owner::Us => {}
-                            Owner::Nobody => continue,
-                            Owner::Other => {
-                                tracing::warn!(key_pair = %r.id, "a key pair has this build's name but not its tag; leaving it alone");
-                                continue;
-                            }
-                        }
-                        // DeleteKeyPair succeeds for a name that does not exist.
-                        if let Err(e) = ec2.client.delete_key_pair().key_name(&r.id).send().await {
+                        let imported = ctx.record.outputs.get(out::KEY_PAIR_ID);
+                        let id = match imported {
+                            Some(id) => id.clone(),
+                            // The name is recorded before the import: a key pair of
+                            // that name without the build's tag is someone else's.
+                            None => match owner(&ec2, &r.id, &ctx.facts)
+                                .await
+                                .map_err(AwsError::retry)?
+                            {
+                                Owner::Us(Some(id)) => id,
+                                Owner::Us(None) => {
+                                    return Err(StepError::Transient(format!(
+                                        "key pair {} has no ID in DescribeKeyPairs",
+                                        r.id
+                                    )));
+                                }
+                                Owner::Nobody => continue,
+                                Owner::Other => {
+                                    tracing::warn!(key_pair = %r.id, "a key pair has this build's name but not its tag; leaving it alone");
+                                    continue;
+                                }
+                            },
+                        };
+                        if let Err(e) = ec2.client.delete_key_pair().key_pair_id(&id).send().await {
                             let e = AwsError::from_sdk("DeleteKeyPair", e);
                             if !e.is_not_found() {
                                 return Err(e.retry());
@@ -134,6 +153,10 @@ impl Step for KeyPairStep {
                         }
                     }
                     "Secret" => {
+                        crate::provisioners::connect::forget_generated_key(&format!(
+                            "{}/{}",
+                            ctx.facts.namespace, r.id
+                        ));
                         let api: Api<Secret> =
                             Api::namespaced(ctx.client.clone(), &ctx.facts.namespace);
                         match api.delete(&r.id, &DeleteParams::default()).await {
@@ -157,7 +180,8 @@ impl Step for KeyPairStep {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Owner {
-    Us,
+    /// This build's, with its `KeyPairId`.
+    Us(Option<String>),
     Other,
     Nobody,
 }
@@ -178,13 +202,14 @@ async fn owner(ec2: &Ec2, name: &str, facts: &BuildFacts) -> Result<Owner, AwsEr
     };
     Ok(match r.key_pairs().first() {
         None => Owner::Nobody,
-        Some(k) if ours(k.tags(), facts) => Owner::Us,
+        Some(k) if ours(k.tags(), facts) => Owner::Us(k.key_pair_id().map(str::to_string)),
         Some(_) => Owner::Other,
     })
 }
 
 /// Returns the public key (OpenSSH format) of the key in the build's Secret,
-/// generating and storing one first if there is none.
+/// generating and storing one first if there is none. The create comes first: it
+/// meets an existing Secret only on a resumed step, so a build reads none.
 async fn ensure_secret(ctx: &StepContext, name: &str) -> Result<String, StepError> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.facts.namespace);
     let read = |s: Secret| -> Result<String, StepError> {
@@ -202,9 +227,6 @@ async fn ensure_secret(ctx: &StepContext, name: &str) -> Result<String, StepErro
             .map_err(|e| StepError::Failed(format!("encoding public key: {e}")))
     };
     let kube_err = |e: kube::Error| StepError::Failed(format!("Secret {name}: {e}"));
-    if let Some(s) = api.get_opt(name).await.map_err(kube_err)? {
-        return read(s);
-    }
     let mut rng = ssh_key::rand_core::UnwrapErr(ssh_key::getrandom::SysRng);
     let key = PrivateKey::random(&mut rng, Algorithm::Ed25519)
         .map_err(|e| StepError::Failed(format!("generating a key: {e}")))?;
@@ -243,6 +265,10 @@ async fn ensure_secret(ctx: &StepContext, name: &str) -> Result<String, StepErro
         }
         Err(e) => return Err(kube_err(e)),
     }
+    crate::provisioners::connect::remember_generated_key(
+        &format!("{}/{name}", ctx.facts.namespace),
+        pem.to_string(),
+    );
     key.public_key()
         .to_openssh()
         .map_err(|e| StepError::Failed(format!("encoding public key: {e}")))

@@ -32,8 +32,13 @@ pub mod out {
     pub const AMI_NAME: &str = "ami_name";
     pub const SOURCE_AMI: &str = "source_ami";
     pub const KEY_PAIR: &str = "key_pair_name";
+    /// The `KeyPairId` of a key pair kiln imported (not of a given one).
+    pub const KEY_PAIR_ID: &str = "key_pair_id";
     pub const SECURITY_GROUPS: &str = "security_group_ids";
     pub const INSTANCE_ID: &str = "instance_id";
+    /// IDs of the running instance's volumes that outlive it, comma-separated
+    /// (empty: every volume goes with the instance).
+    pub const KEPT_VOLUMES: &str = "kept_volumes";
     pub const REGION: &str = "region";
     pub const IMAGE_ID: &str = "image_id";
 }
@@ -154,6 +159,14 @@ pub fn cleanup_regions(record: &crate::api::StepRecord, build_region: &str) -> V
         }
     }
     regions
+}
+
+/// Whether a step's record may miss a resource of `kind` that the step made: each is
+/// recorded right after the call that makes it, so only an attempt that stopped in
+/// between can leave one unrecorded, and then the step was resumed (more than one
+/// attempt) or recorded none. Only then does cleanup look for one by tag or name.
+pub fn may_miss(record: &crate::api::StepRecord, kind: &str) -> bool {
+    record.attempts > 1 || !record.resources.iter().any(|r| r.created && r.kind == kind)
 }
 
 /// IDs of the created records of `kind` made in `region` (a record without a region

@@ -3,7 +3,9 @@
 
 use futures::future::BoxFuture;
 
-use super::{AwsError, Ec2, cleanup_regions, ebs, filter, ours, out, recorded_in, tag_spec, tags};
+use super::{
+    AwsError, Ec2, cleanup_regions, ebs, filter, may_miss, ours, out, recorded_in, tag_spec, tags,
+};
 use crate::api::{BUILD_UID_TAG, ResourceRecord};
 use crate::engine::{CleanupContext, Step, StepContext, StepError, StepOutput};
 
@@ -39,43 +41,37 @@ impl Step for SecurityGroupStep {
             let vpc = vpc_of(&ec2, ebs.subnet_id.as_deref()).await?;
             let name = group_name(facts);
 
-            // An earlier attempt may have created it before the operator stopped.
-            let id = match ours_named(&ec2, &name, &vpc, facts).await? {
-                Some(id) => id,
-                None => {
-                    let created = ec2
-                        .client
-                        .create_security_group()
-                        .group_name(&name)
-                        .description(format!(
-                            "kiln temporary group for {}/{}",
-                            facts.namespace, facts.name
-                        ))
-                        .vpc_id(&vpc)
-                        .tag_specifications(tag_spec(
-                            aws_sdk_ec2::types::ResourceType::SecurityGroup,
-                            &tags(facts, &Default::default()),
-                        ))
-                        .send()
-                        .await
-                        .map_err(|e| AwsError::from_sdk("CreateSecurityGroup", e));
-                    match created {
-                        Ok(r) => r
-                            .group_id()
-                            .ok_or_else(|| {
-                                StepError::Failed("CreateSecurityGroup returned no group ID".into())
-                            })?
-                            .to_string(),
-                        // The create took effect but its reply was lost, and the
-                        // SDK's retry met the group it made.
-                        Err(e) if e.is("InvalidGroup.Duplicate") => {
-                            ours_named(&ec2, &name, &vpc, facts)
-                                .await?
-                                .ok_or_else(|| e.fail())?
-                        }
-                        Err(e) => return Err(e.fail()),
-                    }
-                }
+            // The create comes first: it meets the group only when an earlier
+            // attempt made it before the operator stopped, and then says so.
+            let created = ec2
+                .client
+                .create_security_group()
+                .group_name(&name)
+                .description(format!(
+                    "kiln temporary group for {}/{}",
+                    facts.namespace, facts.name
+                ))
+                .vpc_id(&vpc)
+                .tag_specifications(tag_spec(
+                    aws_sdk_ec2::types::ResourceType::SecurityGroup,
+                    &tags(facts, &Default::default()),
+                ))
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("CreateSecurityGroup", e));
+            let id = match created {
+                Ok(r) => r
+                    .group_id()
+                    .ok_or_else(|| {
+                        StepError::Failed("CreateSecurityGroup returned no group ID".into())
+                    })?
+                    .to_string(),
+                // An earlier attempt's group, or one whose create reply was lost and
+                // the SDK's retry met: used if it carries this build's tag.
+                Err(e) if e.is("InvalidGroup.Duplicate") => ours_named(&ec2, &name, &vpc, facts)
+                    .await?
+                    .ok_or_else(|| e.fail())?,
+                Err(e) => return Err(e.fail()),
             };
             ctx.record(ResourceRecord {
                 kind: "SecurityGroup".into(),
@@ -124,7 +120,8 @@ impl Step for SecurityGroupStep {
             for region in cleanup_regions(&ctx.record, &ebs.region) {
                 let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
                 let ids = recorded_in(&ctx.record, "SecurityGroup", &region, &ebs.region);
-                delete_groups(&ec2, ids, &ctx.facts).await?;
+                let look = may_miss(&ctx.record, "SecurityGroup");
+                delete_groups(&ec2, ids, look, &ctx.facts).await?;
             }
             Ok(())
         })
@@ -137,29 +134,32 @@ impl Step for SecurityGroupStep {
     }
 }
 
-/// Deletes the recorded groups and the build's group found by name (only when it
-/// carries the build's tag) in `ec2`'s region.
+/// Deletes the recorded groups and, with `look`, the build's group found by name
+/// (only when it carries the build's tag) in `ec2`'s region.
 async fn delete_groups(
     ec2: &Ec2,
     mut ids: Vec<String>,
+    look: bool,
     facts: &crate::engine::BuildFacts,
 ) -> Result<(), StepError> {
-    // Created but not yet recorded when the operator stopped.
-    let found = ec2
-        .client
-        .describe_security_groups()
-        .filters(filter("group-name", group_name(facts)))
-        .send()
-        .await
-        .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).retry())?;
-    for g in found.security_groups() {
-        let Some(id) = g.group_id() else { continue };
-        if !ours(g.tags(), facts) {
-            tracing::warn!(group = %id, "a security group has this build's name but not its tag; leaving it alone");
-            continue;
-        }
-        if !ids.iter().any(|i| i == id) {
-            ids.push(id.to_string());
+    // Created but not recorded when the operator stopped (see `may_miss`).
+    if look {
+        let found = ec2
+            .client
+            .describe_security_groups()
+            .filters(filter("group-name", group_name(facts)))
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("DescribeSecurityGroups", e).retry())?;
+        for g in found.security_groups() {
+            let Some(id) = g.group_id() else { continue };
+            if !ours(g.tags(), facts) {
+                tracing::warn!(group = %id, "a security group has this build's name but not its tag; leaving it alone");
+                continue;
+            }
+            if !ids.iter().any(|i| i == id) {
+                ids.push(id.to_string());
+            }
         }
     }
     for id in ids {
