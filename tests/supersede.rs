@@ -523,6 +523,7 @@ async fn without_a_recorded_spec_unmatched_steps_are_held_until_a_spec_has_them(
     assert_eq!(connect.cleanup, kiln::api::CleanupPhase::NotNeeded);
     let kept = a.still_there(&old).await;
     assert_eq!(kept.len(), 4, "held, so still there: {kept:?}");
+    a.f.event_reasons_with(&["CleanupFailed"]).await;
     let events = a.f.events().await;
     assert!(
         events

@@ -824,8 +824,8 @@ impl Planned {
         self.plan.as_ref().ok()?.get(i).cloned()
     }
 
-    fn needs_cleanup(&self) -> impl Fn(usize, &StepRecord) -> bool + '_ {
-        |i, rec| self.step(i).is_some_and(|s| s.needs_cleanup(rec))
+    fn needs_cleanup(&self) -> impl Fn(usize, &StepRecord, BuildOutcome) -> bool + '_ {
+        |i, rec, outcome| self.step(i).is_some_and(|s| s.needs_cleanup(rec, outcome))
     }
 }
 

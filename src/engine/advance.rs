@@ -5,7 +5,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use super::{StepError, StepOutput};
+use super::{BuildOutcome, StepError, StepOutput};
 use crate::api::{
     Artifact, ArtifactRemoval, BuildPhase, CleanupPhase, ImageBuildStatus, OnError, ResourceRecord,
     StepPhase, StepRecord,
@@ -82,7 +82,7 @@ pub struct PlanView<'a> {
     /// Step names in order, or why no plan can be made.
     pub steps: Result<Vec<String>, String>,
     /// Whether step `i` of this plan has anything to clean up, given its record.
-    pub needs_cleanup: &'a dyn Fn(usize, &StepRecord) -> bool,
+    pub needs_cleanup: &'a dyn Fn(usize, &StepRecord, BuildOutcome) -> bool,
 }
 
 /// Whether the steps of `generation` run and are cleaned up with the plan of the
@@ -680,7 +680,9 @@ fn owed(s: &ImageBuildStatus, input: &Input<'_>, i: usize) -> Cleanup {
     let generation = s.observed_generation.unwrap_or(input.generation);
     let plan = input.plan_of(generation);
     match find_step(&plan.steps, i, &rec.name) {
-        Some(step) if (plan.needs_cleanup)(step, rec) => Cleanup::Run(step),
+        Some(step) if (plan.needs_cleanup)(step, rec, BuildOutcome::of(&s.steps)) => {
+            Cleanup::Run(step)
+        }
         Some(_) => Cleanup::NotNeeded,
         // Without step code nothing can be found by tag or name; only records are known.
         None if rec.resources.iter().any(|r| r.created) => Cleanup::NoCode,

@@ -208,8 +208,9 @@ pub trait Step: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
-    /// Whether there is anything for `cleanup` to do; recorded as `NotNeeded` otherwise.
-    fn needs_cleanup(&self, record: &StepRecord) -> bool {
+    /// Whether there is anything for `cleanup` to do, given how the build ended;
+    /// recorded as `NotNeeded` otherwise (no task, no status write of its own).
+    fn needs_cleanup(&self, record: &StepRecord, _outcome: BuildOutcome) -> bool {
         record.resources.iter().any(|r| r.created)
     }
 }

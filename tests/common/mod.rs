@@ -533,6 +533,29 @@ impl Fixture {
             Api::namespaced(self.client.clone(), &self.ns);
         api.list(&Default::default()).await.unwrap().items
     }
+
+    /// The namespace's Event reasons once every one of `expected` is among them:
+    /// Events are posted after the status write they follow, without holding up
+    /// the build, so a test that saw the status may not see them yet.
+    pub async fn event_reasons_with(&self, expected: &[&str]) -> Vec<String> {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("Events {expected:?}"),
+            || async {
+                let reasons: Vec<String> = self
+                    .events()
+                    .await
+                    .into_iter()
+                    .filter_map(|e| e.reason)
+                    .collect();
+                expected
+                    .iter()
+                    .all(|x| reasons.iter().any(|r| r == x))
+                    .then_some(reasons)
+            },
+        )
+        .await
+    }
 }
 
 pub fn condition(ib: &ImageBuild, type_: &str) -> Option<String> {

@@ -558,8 +558,10 @@ impl Step for CreateImage {
         })
     }
 
-    fn needs_cleanup(&self, _record: &crate::api::StepRecord) -> bool {
-        true
+    /// The image is the artifact once every step succeeded; an intermediate of
+    /// `encryptBoot` goes whatever the outcome.
+    fn needs_cleanup(&self, _record: &crate::api::StepRecord, outcome: BuildOutcome) -> bool {
+        self.encrypt || outcome == BuildOutcome::Failed
     }
 }
 
@@ -634,8 +636,9 @@ impl Step for CopyImage {
         remove_images(ctx, &self.region)
     }
 
-    fn needs_cleanup(&self, _record: &crate::api::StepRecord) -> bool {
-        true
+    /// Only a failed build's copies go (see [`remove_images`]).
+    fn needs_cleanup(&self, _record: &crate::api::StepRecord, outcome: BuildOutcome) -> bool {
+        outcome == BuildOutcome::Failed
     }
 }
 

@@ -170,7 +170,11 @@ impl Step for RunInstance {
         })
     }
 
-    fn needs_cleanup(&self, _record: &crate::api::StepRecord) -> bool {
+    fn needs_cleanup(
+        &self,
+        _record: &crate::api::StepRecord,
+        _outcome: crate::engine::BuildOutcome,
+    ) -> bool {
         true
     }
 }

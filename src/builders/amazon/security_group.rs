@@ -129,7 +129,11 @@ impl Step for SecurityGroupStep {
 
     /// Given groups are recorded as not created; otherwise a group may exist even
     /// if the step stopped before recording it.
-    fn needs_cleanup(&self, record: &crate::api::StepRecord) -> bool {
+    fn needs_cleanup(
+        &self,
+        record: &crate::api::StepRecord,
+        _outcome: crate::engine::BuildOutcome,
+    ) -> bool {
         !record.resources.iter().any(|r| !r.created)
     }
 }

@@ -4,9 +4,9 @@
 //! A wait of a kind kiln has not seen yet in a region checks at once, then at
 //! intervals that grow with the time waited (a fiftieth of it, from `pollInterval`
 //! up to 4x). A wait of a kind it has seen sleeps through the typical duration (the
-//! median of the last few) before its first check, then checks every fiftieth of
-//! that duration (at least 50 ms, at most `pollInterval`): a resource that takes as
-//! long as the last ones costs one or two calls and is seen within 2% of its end.
+//! median of the last few) before its first check, then checks every hundredth of
+//! that duration (at least 20 ms, at most `pollInterval`): a resource that takes as
+//! long as the last ones costs one to three calls and is seen within 1% of its end.
 //! Each wait adds its own estimate of when the resource got ready, so the typical
 //! duration follows a region that gets slower or faster.
 
@@ -28,8 +28,11 @@ pub struct Kind<'a> {
 }
 
 const KEPT: usize = 5;
+/// The tail's interval is the typical duration over this: a build's waits add up
+/// to its length, so 1% each keeps the build within about 1% of its resources.
+const TAIL_DIVISOR: u32 = 100;
 #[cfg(not(test))]
-const TAIL_FLOOR: Duration = Duration::from_millis(50);
+const TAIL_FLOOR: Duration = Duration::from_millis(20);
 // The unit tests run on the real clock with durations of a few hundred ms.
 #[cfg(test)]
 const TAIL_FLOOR: Duration = Duration::from_millis(5);
@@ -72,7 +75,7 @@ where
 {
     let start = Instant::now();
     let typical = typical(kind);
-    let tail = typical.map(|t| (t / 50).clamp(TAIL_FLOOR, waits.poll.max(TAIL_FLOOR)));
+    let tail = typical.map(|t| (t / TAIL_DIVISOR).clamp(TAIL_FLOOR, waits.poll.max(TAIL_FLOOR)));
     // The first check: at once, or at the end of the typical duration.
     let mut next = start + typical.unwrap_or_default();
     let mut last_check: Option<Instant> = None;
@@ -154,7 +157,7 @@ mod tests {
         assert_eq!(calls, 4);
         assert!(took >= MS(600), "{took:?}");
         // Known (about 500 ms): the next waits check at the typical end, then
-        // every fiftieth of it; a few waits on they cost 1-3 calls and end within
+        // every hundredth of it; a few waits on they cost 1-3 calls and end within
         // a few percent (plus the timer's own lateness).
         let mut last = (0, Duration::ZERO);
         for _ in 0..6 {

@@ -10,7 +10,7 @@ fn names() -> Result<Vec<String>, String> {
     Ok(vec!["connect".into(), "shell-1".into(), "file-2".into()])
 }
 
-fn created(_: usize, r: &StepRecord) -> bool {
+fn created(_: usize, r: &StepRecord, _: BuildOutcome) -> bool {
     r.resources.iter().any(|r| r.created)
 }
 
@@ -41,6 +41,23 @@ fn decide_gen(
     on_error: OnError,
     generation: i64,
 ) -> Decision {
+    decide_views(
+        status,
+        task,
+        (deleting, on_error, generation),
+        view(names()),
+        view(names()),
+    )
+}
+
+/// A decision with the plans given: the current spec's, then the recorded one's.
+fn decide_views(
+    status: &ImageBuildStatus,
+    task: &TaskState,
+    (deleting, on_error, generation): (bool, OnError, i64),
+    plan: PlanView<'_>,
+    recorded: PlanView<'_>,
+) -> Decision {
     advance(&Input {
         status,
         generation,
@@ -50,8 +67,8 @@ fn decide_gen(
         secrets: &[],
         builder: "null",
         spec: &spec(),
-        plan: view(names()),
-        recorded: view(names()),
+        plan,
+        recorded,
         task,
         now: now(),
     })
@@ -544,11 +561,11 @@ fn cleanup_done(d: &Decision) -> TaskState {
     }
 }
 
-fn never(_: usize, _: &StepRecord) -> bool {
+fn never(_: usize, _: &StepRecord, _: BuildOutcome) -> bool {
     panic!("the current spec's plan was asked about a step of the recorded build")
 }
 
-fn always(_: usize, _: &StepRecord) -> bool {
+fn always(_: usize, _: &StepRecord, _: BuildOutcome) -> bool {
     true
 }
 
@@ -774,20 +791,13 @@ fn a_recorded_step_this_kiln_cannot_run_fails_and_is_not_replaced_by_another() {
     );
     // A newer kiln resumes the build; its plan for the recorded spec lacks shell-1.
     let plan = named(&["connect", "file-2"]);
-    let d1 = advance(&Input {
-        status: &d0.status,
-        generation: 1,
-        deleting: false,
-        on_error: OnError::Cleanup,
-        delete_artifacts: false,
-        secrets: &[],
-        builder: "null",
-        spec: &spec(),
-        plan: view(plan.clone()),
-        recorded: view(plan),
-        task: &finished_run(&d0, Ok(StepOutput::default())),
-        now: now(),
-    });
+    let d1 = decide_views(
+        &d0.status,
+        &finished_run(&d0, Ok(StepOutput::default())),
+        (false, OnError::Cleanup, 1),
+        view(plan.clone()),
+        view(plan),
+    );
     assert_eq!(d1.status.steps[1].phase, StepPhase::Failed);
     assert!(
         d1.status.steps[1]
@@ -1045,4 +1055,50 @@ fn artifact_policy_delete_removes_every_image_before_the_finalizer_goes() {
     assert_eq!(r.phase, CleanupPhase::Done);
     assert!(r.message.unwrap().contains("ami-1"));
     assert!(removed.actions.contains(&Action::RemoveFinalizer));
+}
+
+fn on_failure(_: usize, _: &StepRecord, outcome: BuildOutcome) -> bool {
+    outcome == BuildOutcome::Failed
+}
+
+/// Runs the three steps of `names()` whose cleanup is owed only by a failed build
+/// (an image step: the image is the artifact once every step succeeded), the last
+/// with `last`; returns the decision that takes its result.
+fn build_with_cleanup_on_failure(last: Result<StepOutput, StepError>) -> Decision {
+    let view = || PlanView {
+        steps: names(),
+        needs_cleanup: &on_failure,
+    };
+    let decide = |status: &ImageBuildStatus, task: &TaskState| {
+        decide_views(status, task, (false, OnError::Cleanup, 1), view(), view())
+    };
+    let mut d = decide(&ImageBuildStatus::default(), &TaskState::None);
+    for _ in 0..2 {
+        let task = finished_run(&d, Ok(StepOutput::default()));
+        d = decide(&d.status, &task);
+    }
+    let task = finished_run(&d, last);
+    decide(&d.status, &task)
+}
+
+#[test]
+fn a_cleanup_owed_only_on_failure_costs_a_succeeded_build_nothing() {
+    // Succeeded: no cleanup task and no write of its own; the build completes in
+    // the decision that takes the last step's result.
+    let d = build_with_cleanup_on_failure(Ok(StepOutput::default()));
+    assert_eq!(spawned(&d), None, "{:?}", d.actions);
+    assert_eq!(d.status.phase, Some(BuildPhase::Succeeded));
+    assert!(
+        d.status
+            .steps
+            .iter()
+            .all(|r| r.cleanup == CleanupPhase::NotNeeded),
+        "{:?}",
+        d.status.steps
+    );
+    // Failed: the same steps are cleaned up, last first.
+    let d = build_with_cleanup_on_failure(Err(StepError::Failed("no".into())));
+    let key = spawned(&d).expect("a cleanup");
+    assert_eq!((key.kind, key.index), (TaskKind::Cleanup, 2));
+    assert_eq!(d.status.phase, Some(BuildPhase::CleaningUp));
 }
