@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{Fixture, condition, tail, wait_until};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kiln::api::{BuildPhase, CleanupPhase, StepPhase};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -328,6 +328,62 @@ async fn deleting_a_build_mid_step_stops_the_step_cleans_up_and_goes() {
     assert!(
         !f.host_dir.join("finished").exists(),
         "the remote command kept running after deletion"
+    );
+}
+
+/// An operator killed while a shell step runs, then a spec without that step: the
+/// superseded build's step is never resumed, so no next attempt stops its script;
+/// the step's cleanup does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_no_operator_resumed_is_stopped_by_its_cleanup() {
+    let mut f = Fixture::new("orphan").await;
+    let dir = f.host_dir.display().to_string();
+    let build = f.null_build(
+        "orphan",
+        json!([
+            {"shell": {"inline": [format!("echo $$ > {dir}/script.pid"), "while true; do sleep 0.2; done"]}},
+        ]),
+    );
+    f.create(&build).await.unwrap();
+    let pid_file = f.host_dir.join("script.pid");
+    wait_until(Duration::from_secs(30), "the script to start", || async {
+        pid_file.exists().then_some(())
+    })
+    .await;
+    let pid = read(&pid_file).trim().to_string();
+    let running = std::path::Path::new("/proc").join(&pid);
+    f.operator.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(running.exists(), "the script outlives the killed operator");
+    // Generation 2 has no shell step: nothing would run shell-1 again.
+    f.api()
+        .patch(
+            "orphan",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"provisioners": []}})),
+        )
+        .await
+        .unwrap();
+    f.restart_operator();
+    let ib = wait_until(Duration::from_secs(60), "generation 2 built", || async {
+        let ib = f.api().get("orphan").await.ok()?;
+        let st = ib.status.as_ref()?;
+        (st.observed_generation == Some(2) && st.phase == Some(BuildPhase::Succeeded)).then_some(ib)
+    })
+    .await;
+    assert!(
+        !running.exists(),
+        "generation 1's script (pid {pid}) still runs after its build was cleaned up"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("kiln-{}-shell-1.", ib.uid().unwrap())))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "attempt directories left: {leftovers:?}"
     );
 }
 

@@ -1,11 +1,11 @@
 //! Opens an SSH session to the build machine from the spec, the secrets it names and
 //! what earlier steps found out (a cloud builder's address or generated key).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::duration;
+use crate::api::{ImageBuildSpec, duration};
 use crate::communicator::ssh::{self, HostKeyPolicy, Session, Target};
 use crate::engine::{StepContext, StepError};
 use crate::refs;
@@ -49,25 +49,44 @@ fn generated_key(secret: &str) -> Option<String> {
 pub const DEFAULT_KNOWN_HOSTS_KEY: &str = "known_hosts";
 
 pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
-    let ssh = &ctx.spec.communicator.ssh;
-    let ns = &ctx.facts.namespace;
+    target_of(&Build {
+        spec: &ctx.spec,
+        outputs: &ctx.outputs,
+        client: &ctx.client,
+        namespace: &ctx.facts.namespace,
+    })
+    .await
+}
+
+/// What the connection is made from: the spec, the earlier steps' outputs, and the
+/// build's namespace to read the Secrets from (a step's or a cleanup's).
+pub struct Build<'a> {
+    pub spec: &'a ImageBuildSpec,
+    pub outputs: &'a BTreeMap<String, String>,
+    pub client: &'a kube::Client,
+    pub namespace: &'a str,
+}
+
+pub async fn target_of(b: &Build<'_>) -> Result<Target, StepError> {
+    let ssh = &b.spec.communicator.ssh;
+    let ns = b.namespace;
     let host = ssh
         .host
         .clone()
-        .or_else(|| ctx.outputs.get(OUT_HOST).cloned())
+        .or_else(|| b.outputs.get(OUT_HOST).cloned())
         .ok_or_else(|| {
             StepError::Failed(
                 "spec.communicator.ssh.host: no host to connect to (required for the null builder)"
                     .into(),
             )
         })?;
-    let port = port(ctx);
+    let port = port_of(b.spec, b.outputs);
 
-    let private_key = match (&ssh.private_key_secret_ref, ctx.outputs.get(OUT_KEY_SECRET)) {
+    let private_key = match (&ssh.private_key_secret_ref, b.outputs.get(OUT_KEY_SECRET)) {
         (Some(r), _) => {
             let key = r.key.as_deref().unwrap_or(DEFAULT_PRIVATE_KEY_KEY);
             refs::secret_key(
-                &ctx.client,
+                b.client,
                 ns,
                 &r.name,
                 key,
@@ -79,7 +98,7 @@ pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
             Some(pem) => Ok(refs::SecretBytes(pem.into_bytes())),
             None => {
                 let (gns, gname) = generated.split_once('/').unwrap_or((ns, generated));
-                refs::secret_key(&ctx.client, gns, gname, DEFAULT_PRIVATE_KEY_KEY, "generated key pair")
+                refs::secret_key(b.client, gns, gname, DEFAULT_PRIVATE_KEY_KEY, "generated key pair")
                     .await
             }
         },
@@ -105,7 +124,7 @@ pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
         (Some(r), _) => {
             let key = r.key.as_deref().unwrap_or(DEFAULT_KNOWN_HOSTS_KEY);
             let bytes = refs::secret_key(
-                &ctx.client,
+                b.client,
                 ns,
                 &r.name,
                 key,
@@ -142,8 +161,12 @@ pub async fn target(ctx: &StepContext) -> Result<Target, StepError> {
 /// The build machine's SSH port: the spec's, unless a builder found the machine
 /// (no `communicator.ssh.host`) and recorded another.
 pub fn port(ctx: &StepContext) -> u16 {
-    let ssh = &ctx.spec.communicator.ssh;
-    ctx.outputs
+    port_of(&ctx.spec, &ctx.outputs)
+}
+
+fn port_of(spec: &ImageBuildSpec, outputs: &BTreeMap<String, String>) -> u16 {
+    let ssh = &spec.communicator.ssh;
+    outputs
         .get(OUT_PORT)
         .and_then(|p| p.parse().ok())
         .filter(|_| ssh.host.is_none())

@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use super::mask::Masker;
 use super::{build_facts, connect, shell_quote};
 use crate::api::ShellProvisioner;
+use crate::api::{StepPhase, StepRecord};
 use crate::communicator::ssh::{ExecResult, OutputStream, Session, SshError, unique_token};
-use crate::engine::{Step, StepContext, StepError, StepOutput};
+use crate::engine::{BuildOutcome, CleanupContext, Step, StepContext, StepError, StepOutput};
 use crate::refs;
 
 const TAIL_LINES: usize = 20;
@@ -28,6 +29,10 @@ const TAIL_BYTES: usize = 1500;
 const DISCONNECT_WAIT: Duration = Duration::from_secs(30);
 /// Pause between the drop and the first reconnect attempt.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(2);
+/// A cancelled step's cleanup: how long it tries to reach the machine, and how long
+/// stopping what its attempts left may take (TERM, then KILL after 5 s).
+const CLEANUP_CONNECT: Duration = Duration::from_secs(10);
+const CLEANUP_STOP: Duration = Duration::from_secs(30);
 /// Bound for removing an attempt's directory.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -149,9 +154,78 @@ impl Step for ShellStep {
     fn run<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(self.run_script(ctx))
     }
+
+    /// A step stopped while it ran (its build deleted or superseded) may have left
+    /// its script running: a running operator stops it when it cancels the step, but
+    /// one that was killed first never resumes a superseded build's step.
+    fn needs_cleanup(&self, record: &StepRecord, _outcome: BuildOutcome) -> bool {
+        record.phase == StepPhase::Cancelled
+    }
+
+    /// Stops what the step's attempts left running and removes their directories,
+    /// as the next attempt would have. Best effort: a machine that cannot be reached
+    /// (gone, or its credentials gone) runs nothing of the step's to stop, so that
+    /// never holds up the rest of the cleanup.
+    fn cleanup<'a>(&'a self, ctx: &'a CleanupContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            if let Err(e) = self.stop_attempts(ctx).await {
+                tracing::warn!(error = %e, "could not stop what the step may have left running on the machine");
+            }
+            Ok(())
+        })
+    }
 }
 
 impl ShellStep {
+    async fn stop_attempts(&self, ctx: &CleanupContext) -> Result<(), String> {
+        let mut target = connect::target_of(&connect::Build {
+            spec: &ctx.spec,
+            outputs: &ctx.outputs,
+            client: &ctx.client,
+            namespace: &ctx.facts.namespace,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        target.connect_timeout = target.connect_timeout.min(CLEANUP_CONNECT);
+        let cancel = CancellationToken::new();
+        let session = crate::communicator::ssh::connect(&target, &cancel)
+            .await
+            .map_err(|e| e.to_string())?;
+        let attempt = Attempt::new(&ctx.facts.uid, &self.name);
+        let command = format!(
+            "sh -c {} kiln-stop {} '' 0",
+            shell_quote(STOP_EARLIER),
+            shell_quote(&attempt.prefix)
+        );
+        let mut stderr = Vec::new();
+        let r = tokio::time::timeout(
+            CLEANUP_STOP,
+            session.exec(
+                &command,
+                |stream, data| {
+                    if stream == OutputStream::Stderr {
+                        stderr.extend_from_slice(data);
+                    }
+                },
+                &cancel,
+            ),
+        )
+        .await;
+        session.close().await;
+        let said = String::from_utf8_lossy(&stderr).trim().to_string();
+        match r {
+            Ok(Ok(r)) if r.success() => {
+                if !said.is_empty() {
+                    tracing::info!("{said}");
+                }
+                Ok(())
+            }
+            Ok(Ok(r)) => Err(format!("exit {:?}: {said}", r.exit_code)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {CLEANUP_STOP:?}")),
+        }
+    }
+
     async fn run_script(&self, ctx: &StepContext) -> Result<StepOutput, StepError> {
         let timeout =
             connect::parse_duration(&self.spec.timeout, &format!("{}.timeout", self.field()))?;
@@ -442,14 +516,10 @@ impl Attempt {
 /// Exit code of [`PREPARE`] when an earlier attempt survived SIGKILL.
 const EARLIER_ATTEMPT_STUCK: u32 = 3;
 
-/// Run as `sh -c PREPARE kiln-prepare <prefix> <dir> <our pgid>`, the environment
-/// file on stdin. An earlier attempt is a directory `<prefix>*` of ours (not a
-/// symlink, owned by us: nobody else can make one); its `pid` is its process group.
-/// That PID could since belong to another process: on Linux, a live leader must still
-/// name the directory on its command line; a gone leader's PID cannot be reused while
-/// its group has members, so a group that still answers is the attempt's. TERM, then
-/// KILL after 5 s; the step does not start while the group lives.
-const PREPARE: &str = r#"prefix=$1 dir=$2 self=$3
+/// The part of [`PREPARE`] that stops earlier attempts and removes their directories.
+macro_rules! stop_earlier {
+    () => {
+        r#"prefix=$1 dir=$2 self=$3
 ours() {
 	if [ -r /proc/self/cmdline ] && [ -e "/proc/$1" ]; then
 		tr '\000' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"
@@ -477,9 +547,27 @@ for old in "$prefix"*; do
 	fi
 	rm -rf -- "$old"
 done
-umask 077
+"#
+    };
+}
+
+/// `sh -c STOP_EARLIER kiln-stop <prefix> '' 0`: the first half of [`PREPARE`], for
+/// a cancelled step's cleanup.
+const STOP_EARLIER: &str = stop_earlier!();
+
+/// Run as `sh -c PREPARE kiln-prepare <prefix> <dir> <our pgid>`, the environment
+/// file on stdin. An earlier attempt is a directory `<prefix>*` of ours (not a
+/// symlink, owned by us: nobody else can make one); its `pid` is its process group.
+/// That PID could since belong to another process: on Linux, a live leader must still
+/// name the directory on its command line; a gone leader's PID cannot be reused while
+/// its group has members, so a group that still answers is the attempt's. TERM, then
+/// KILL after 5 s; the step does not start while the group lives.
+const PREPARE: &str = concat!(
+    stop_earlier!(),
+    r#"umask 077
 mkdir -m 700 -- "$dir" && cat > "$dir/env"
-"#;
+"#
+);
 
 fn last_lines(tail: &str) -> String {
     if tail.is_empty() {
