@@ -213,8 +213,9 @@ fn blob(layout: &Path, digest: &Value) -> PathBuf {
     layout.join("blobs/sha256").join(hex)
 }
 
-/// The chart's default image: image.repository, and image.tag or the appVersion.
-fn chart_image() -> (String, String) {
+/// The chart's default image of `section` (`image` for kiln's, `runner` for the
+/// runner's): its repository, and its tag or the appVersion.
+fn chart_image(section: &str) -> (String, String) {
     let values: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(repo_root().join("charts/kiln/values.yaml")).unwrap(),
     )
@@ -223,12 +224,44 @@ fn chart_image() -> (String, String) {
         &std::fs::read_to_string(repo_root().join("charts/kiln/Chart.yaml")).unwrap(),
     )
     .unwrap();
-    let repo = values["image"]["repository"].as_str().unwrap().to_string();
-    let tag = match values["image"]["tag"].as_str() {
+    let repo = values[section]["repository"]
+        .as_str()
+        .unwrap_or_else(|| panic!("charts/kiln/values.yaml: {section}.repository"))
+        .to_string();
+    let tag = match values[section]["tag"].as_str() {
         Some(t) if !t.is_empty() => t.to_string(),
         _ => chart["appVersion"].as_str().unwrap().to_string(),
     };
     (repo, tag)
+}
+
+/// The layout `script` (in tests/env) wrote, once its run `out` succeeded: tagged as
+/// the chart's default image of `section`, which `script --ref` prints, so the chart
+/// runs it unchanged. Its config and layers.
+fn built_layout(script: &str, out: &Output, layout: &Path, section: &str) -> (Value, Vec<PathBuf>) {
+    assert!(
+        out.status.success(),
+        "tests/env/{script} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (tag, config, layers) = read_layout(layout);
+    let (repository, chart_tag) = chart_image(section);
+    assert_eq!(
+        tag, chart_tag,
+        "the layout's tag (the chart's {section}.tag)"
+    );
+    let printed = stdout_ok(
+        Command::new("bash")
+            .arg(repo_root().join("tests/env").join(script))
+            .arg("--ref"),
+    );
+    assert_eq!(
+        printed.trim(),
+        format!("{repository}:{chart_tag}"),
+        "{script} --ref"
+    );
+    (config, layers)
 }
 
 /// The image of a one-image layout: (its tag, its config, its layers' paths).
@@ -324,27 +357,7 @@ fn the_local_image_agrees_with_the_dockerfile() {
     let dir = scratch("agree");
     let layout = dir.join("kiln");
     let out = image_sh(&layout, None);
-    assert!(
-        out.status.success(),
-        "tests/env/image.sh failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (tag, config, layers) = read_layout(&layout);
-
-    // Tagged as the chart's default image, so the chart runs it unchanged.
-    let (repository, chart_tag) = chart_image();
-    assert_eq!(tag, chart_tag, "the layout's tag");
-    let printed = stdout_ok(
-        Command::new("bash")
-            .arg(repo_root().join("tests/env/image.sh"))
-            .arg("--ref"),
-    );
-    assert_eq!(
-        printed.trim(),
-        format!("{repository}:{chart_tag}"),
-        "image.sh --ref"
-    );
+    let (config, layers) = built_layout("image.sh", &out, &layout, "image");
 
     let c = &config["config"];
     assert_eq!(config["os"], "linux");
@@ -611,27 +624,6 @@ fn runner_image_sh(args: &[&str], extra: &[&Path]) -> Output {
     run(&mut cmd)
 }
 
-/// The chart's default runner image: runner.repository, and runner.tag or the appVersion.
-fn chart_runner_image() -> (String, String) {
-    let values: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(repo_root().join("charts/kiln/values.yaml")).unwrap(),
-    )
-    .unwrap();
-    let chart: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(repo_root().join("charts/kiln/Chart.yaml")).unwrap(),
-    )
-    .unwrap();
-    let repo = values["runner"]["repository"]
-        .as_str()
-        .expect("charts/kiln/values.yaml: runner.repository")
-        .to_string();
-    let tag = match values["runner"]["tag"].as_str() {
-        Some(t) if !t.is_empty() => t.to_string(),
-        _ => chart["appVersion"].as_str().unwrap().to_string(),
-    };
-    (repo, tag)
-}
-
 /// The words of each `WORD ...` instruction among a stage's other instructions.
 fn instructions(stage: &Stage, word: &str) -> Vec<Vec<String>> {
     stage
@@ -702,26 +694,7 @@ fn the_local_runner_image_agrees_with_dockerfile_runner() {
 
     let layout = Path::new(env!("CARGO_TARGET_TMPDIR")).join("runner-image/kiln-runner");
     let out = runner_image_sh(&["--cached", "--no-import", "--layout"], &[&layout]);
-    assert!(
-        out.status.success(),
-        "tests/env/runner-image.sh failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (tag, config, layers) = read_layout(&layout);
-
-    let (repository, chart_tag) = chart_runner_image();
-    assert_eq!(tag, chart_tag, "the layout's tag (the chart's runner.tag)");
-    let printed = stdout_ok(
-        Command::new("bash")
-            .arg(repo_root().join("tests/env/runner-image.sh"))
-            .arg("--ref"),
-    );
-    assert_eq!(
-        printed.trim(),
-        format!("{repository}:{chart_tag}"),
-        "runner-image.sh --ref"
-    );
+    let (config, layers) = built_layout("runner-image.sh", &out, &layout, "runner");
 
     let c = &config["config"];
     assert_eq!(config["os"], "linux");
