@@ -277,13 +277,7 @@ async fn a_killed_operator_is_replaced_and_the_build_resumes_where_it_was() {
     );
     assert_eq!(st.steps[3].attempts, 1);
     assert!(f.host_dir.join("second.done").exists());
-    let reasons: Vec<_> = f
-        .events()
-        .await
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    assert!(reasons.iter().any(|r| r == "StepResumed"), "{reasons:?}");
+    f.event_reasons_with(&["StepResumed"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -313,16 +307,7 @@ async fn deleting_a_build_mid_step_stops_the_step_cleans_up_and_goes() {
         took < Duration::from_secs(6),
         "deletion waited for the step: {took:?}"
     );
-    let reasons: Vec<_> = f
-        .events()
-        .await
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    assert!(
-        reasons.iter().any(|r| r == "CleanupFinished"),
-        "{reasons:?}"
-    );
+    f.event_reasons_with(&["CleanupFinished"]).await;
     // The remote command was stopped, not left to run to the end.
     tokio::time::sleep(Duration::from_secs(9)).await;
     assert!(
