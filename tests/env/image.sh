@@ -49,11 +49,8 @@ layout=$(realpath -m "${layout:-$CL/images/kiln}")
 
 # ---------------------------------------------------------------- the reference
 # The chart's default image: image.repository and image.tag (empty: appVersion).
-repository=$(chart_value "$KILN_REPO_ROOT/charts/kiln/values.yaml" repository image)
-tag=$(chart_value "$KILN_REPO_ROOT/charts/kiln/values.yaml" tag image)
-[[ -n $tag ]] || tag=$(chart_value "$KILN_REPO_ROOT/charts/kiln/Chart.yaml" appVersion)
-[[ -n $repository && -n $tag ]] || die "cannot read image.repository / image.tag / appVersion from charts/kiln"
-REF=$repository:$tag
+REF=$(chart_ref image)
+tag=${REF##*:}
 if [[ $import == ref ]]; then
 	echo "$REF"
 	exit 0

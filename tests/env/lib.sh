@@ -27,6 +27,18 @@ chart_value() {
 		}' "$1"
 }
 
+# chart_ref SECTION: the chart's default reference of an image section (image for
+# kiln's, runner for the runner's): SECTION.repository:SECTION.tag, the tag
+# defaulting to the chart's appVersion.
+chart_ref() {
+	local values=$KILN_REPO_ROOT/charts/kiln/values.yaml repository tag
+	repository=$(chart_value "$values" repository "$1")
+	tag=$(chart_value "$values" tag "$1")
+	[[ -n $tag ]] || tag=$(chart_value "$KILN_REPO_ROOT/charts/kiln/Chart.yaml" appVersion)
+	[[ -n $repository && -n $tag ]] || die "cannot read $1.repository / $1.tag / appVersion from charts/kiln"
+	echo "$repository:$tag"
+}
+
 # proc_gone PID: true if PID is gone or a zombie.
 proc_gone() {
 	local stat

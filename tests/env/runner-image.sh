@@ -72,11 +72,8 @@ layout=$(realpath -m "${layout:-$CL/images/kiln-runner}")
 # ---------------------------------------------------------------- the reference
 # The chart's default runner image: runner.repository and runner.tag (empty:
 # appVersion); runner.image, when set, overrides it at install time.
-repository=$(chart_value "$KILN_REPO_ROOT/charts/kiln/values.yaml" repository runner)
-tag=$(chart_value "$KILN_REPO_ROOT/charts/kiln/values.yaml" tag runner)
-[[ -n $tag ]] || tag=$(chart_value "$KILN_REPO_ROOT/charts/kiln/Chart.yaml" appVersion)
-[[ -n $repository && -n $tag ]] || die "cannot read runner.repository / runner.tag / appVersion from charts/kiln"
-REF=$repository:$tag
+REF=$(chart_ref runner)
+tag=${REF##*:}
 if [[ $import == ref ]]; then
 	echo "$REF"
 	exit 0
