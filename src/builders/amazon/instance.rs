@@ -205,17 +205,22 @@ async fn terminate(
             }
         }
     }
-    if ids.is_empty() {
-        return if look.volumes {
-            delete_volumes(ec2, facts).await
-        } else {
-            Ok(())
-        };
+    if !ids.is_empty() {
+        terminate_all(ec2, &ids, w).await?;
     }
+    if look.volumes {
+        delete_volumes(ec2, facts).await
+    } else {
+        Ok(())
+    }
+}
+
+/// Terminates the instances and waits until they are gone.
+async fn terminate_all(ec2: &Ec2, ids: &[String], w: &super::Waits) -> Result<(), StepError> {
     if let Err(e) = ec2
         .client
         .terminate_instances()
-        .set_instance_ids(Some(ids.clone()))
+        .set_instance_ids(Some(ids.to_vec()))
         .send()
         .await
     {
@@ -234,7 +239,7 @@ async fn terminate(
         let r = ec2
             .client
             .describe_instances()
-            .set_instance_ids(Some(ids.clone()))
+            .set_instance_ids(Some(ids.to_vec()))
             .send()
             .await;
         match r {
@@ -261,12 +266,7 @@ async fn terminate(
     .map_err(|e| match e {
         StepError::Failed(m) => StepError::Transient(m),
         other => other,
-    })?;
-    if look.volumes {
-        delete_volumes(ec2, facts).await
-    } else {
-        Ok(())
-    }
+    })
 }
 
 /// Volumes of this build's generation that outlived its instance: those launched

@@ -88,7 +88,9 @@ impl Step for KeyPairStep {
                     }
                     match owner(&ec2, &name, facts).await.map_err(AwsError::fail)? {
                         Owner::Us(id) => id,
-                        _ => {
+                        // Not listed yet: cleanup looks it up by name and tag.
+                        Owner::Nobody => None,
+                        Owner::Other => {
                             return Err(StepError::Failed(format!(
                                 "key pair {name} in {} has kiln's name for this build but not its {BUILD_UID_TAG}={} tag: kiln neither uses nor deletes it; remove it",
                                 ebs.region, facts.uid
@@ -122,22 +124,16 @@ impl Step for KeyPairStep {
                     "KeyPair" => {
                         let region = r.region.clone().unwrap_or_else(|| ebs.region.clone());
                         let ec2 = Ec2::for_build(ebs, &ctx.client, &ctx.facts, &region).await?;
-                        let imported = ctx.record.outputs.get(out::KEY_PAIR_ID);
+                        let imported = ctx.record.outputs.get(out::KEY_PAIR_ID).cloned();
                         let id = match imported {
-                            Some(id) => id.clone(),
+                            Some(id) => Some(id),
                             // The name is recorded before the import: a key pair of
                             // that name without the build's tag is someone else's.
                             None => match owner(&ec2, &r.id, &ctx.facts)
                                 .await
                                 .map_err(AwsError::retry)?
                             {
-                                Owner::Us(Some(id)) => id,
-                                Owner::Us(None) => {
-                                    return Err(StepError::Transient(format!(
-                                        "key pair {} has no ID in DescribeKeyPairs",
-                                        r.id
-                                    )));
-                                }
+                                Owner::Us(id) => id,
                                 Owner::Nobody => continue,
                                 Owner::Other => {
                                     tracing::warn!(key_pair = %r.id, "a key pair has this build's name but not its tag; leaving it alone");
@@ -145,7 +141,14 @@ impl Step for KeyPairStep {
                                 }
                             },
                         };
-                        if let Err(e) = ec2.client.delete_key_pair().key_pair_id(&id).send().await {
+                        // By the ID when known (exactly the key pair imported); else
+                        // by the name just checked to carry the build's tag.
+                        let delete = ec2.client.delete_key_pair();
+                        let delete = match id {
+                            Some(id) => delete.key_pair_id(id),
+                            None => delete.key_name(&r.id),
+                        };
+                        if let Err(e) = delete.send().await {
                             let e = AwsError::from_sdk("DeleteKeyPair", e);
                             if !e.is_not_found() {
                                 return Err(e.retry());
