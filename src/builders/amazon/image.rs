@@ -325,7 +325,9 @@ impl Doomed {
 
 /// Removes the images (recorded, or found by kiln's tags) and snapshots of this
 /// build's generation in `region`, unless every step of the build succeeded: then
-/// they are the artifact, whatever happened after (see [`BuildOutcome::of`]).
+/// they are the artifact, whatever happened after (see [`BuildOutcome::of`]). The
+/// steps' `needs_cleanup` already spares such a build any cleanup; this check keeps
+/// the artifact safe whatever calls it.
 fn remove_images<'a>(
     ctx: &'a CleanupContext,
     region: &'a str,
